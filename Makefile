@@ -1,0 +1,69 @@
+# loramerge — run `make help` for the targets.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+TOOLS := .tools
+BUF := $(TOOLS)/node_modules/.bin/buf
+# vLLM flavour: CUDA when a GPU answers, the CPU build otherwise.
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+VLLM_EXTRA := $(if $(HAS_GPU),gpu,cpu)
+PYTEST_ARGS ?=
+
+.PHONY: help setup proto proto-check lint test test-fast bench demo serve deploy-check clean
+
+help:
+	@echo "make setup         create .venv and install everything (idempotent)"
+	@echo "make demo          the whole workflow on locally built demo adapters"
+	@echo "make serve         both services in the foreground on the demo assets"
+	@echo "make test          proto freshness, lint, manifests, and the test suite"
+	@echo "make bench         side-by-side benchmarks, appended to BENCHMARKS.md"
+	@echo "make proto         regenerate Python from protos/"
+	@echo "make deploy-check  render and validate the Kubernetes overlays"
+
+setup: $(VENV)/.setup-done $(BUF)
+
+$(VENV)/.setup-done: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[$(VLLM_EXTRA),dev]'
+	@# PyPI's torchvision/torchaudio/torchcodec/triton are CUDA builds: importing
+	@# transformers beside the CPU torch fails with them, and text generation needs none.
+	$(if $(HAS_GPU),true,$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true)
+	touch $@
+
+$(BUF):
+	mkdir -p $(TOOLS)
+	npm install --silent --no-audit --no-fund --prefix $(TOOLS) @bufbuild/buf@1.75.0
+
+proto: setup
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos --grpc_python_out=protos \
+		protos/loramerge/v1/*.proto
+
+proto-check: setup
+	BUF_CACHE_DIR=$(TOOLS)/buf-cache $(BUF) lint
+	BUF_CACHE_DIR=$(TOOLS)/buf-cache $(BUF) format -d --exit-code
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+deploy-check: setup
+	PATH=$(abspath $(BIN)):$$PATH bash deploy/check.sh
+
+test: setup proto-check lint deploy-check
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/pytest -m "not e2e and not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m benchmarks.run
+
+demo: setup
+	$(PY) -m demo
+
+serve: setup
+	$(PY) -m demo.serve
+
+clean:
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .ruff_cache .hypothesis
