@@ -10,7 +10,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 VLLM_EXTRA := $(if $(HAS_GPU),gpu,cpu)
 PYTEST_ARGS ?=
 
-.PHONY: help setup proto proto-check lint test test-fast bench demo serve deploy-check clean
+.PHONY: help setup install-runtime proto proto-check lint test test-fast bench demo serve deploy-check clean
 
 help:
 	@echo "make setup         create .venv and install everything (idempotent)"
@@ -20,6 +20,7 @@ help:
 	@echo "make bench         side-by-side benchmarks, appended to BENCHMARKS.md"
 	@echo "make proto         regenerate Python from protos/"
 	@echo "make deploy-check  render and validate the Kubernetes overlays"
+	@echo "make install-runtime  the services only, no dev tools (container images; RUNTIME_EXTRAS=gpu,s3)"
 
 setup: $(VENV)/.setup-done $(BUF)
 
@@ -30,6 +31,14 @@ $(VENV)/.setup-done: pyproject.toml
 	@# transformers beside the CPU torch fails with them, and text generation needs none.
 	$(if $(HAS_GPU),true,$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true)
 	touch $@
+
+# Container images (deploy/docker): the services and their runtime, no dev tools, not editable.
+RUNTIME_EXTRAS ?= $(VLLM_EXTRA),s3
+
+install-runtime:
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q '.[$(RUNTIME_EXTRAS)]'
+	$(if $(findstring gpu,$(RUNTIME_EXTRAS)),true,$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true)
 
 $(BUF):
 	mkdir -p $(TOOLS)
