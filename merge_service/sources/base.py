@@ -6,10 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from loramerge_common.errors import FailedPrecondition, LoramergeError, NotFound, ResourceExhausted
 from merge_service.spec import AdapterRef, SourceKind
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLED_WEIGHTS_FILE = "adapter_model.bin"  # refused, never opened
 
 
 @dataclass(frozen=True)
@@ -21,9 +23,35 @@ class ResolvedSource:
     revision: str  # hub commit, S3 ETag/version id, "" for local
     digest: str  # identifies the content; part of the merge key
     path: Path  # directory holding CONFIG_FILE and WEIGHTS_FILE
+    nbytes: int = 0  # size of the two files together
 
 
 class Source(Protocol):
     kind: SourceKind
 
     def resolve(self, ref: AdapterRef) -> ResolvedSource: ...
+
+
+def check_size(adapter_id: str, nbytes: int, max_bytes: int | None, field: str = "adapter") -> None:
+    """ResourceExhausted when an adapter's files exceed ``max_bytes`` (None or 0: no limit)."""
+    if max_bytes and nbytes > max_bytes:
+        raise ResourceExhausted(
+            f"adapter {adapter_id!r}: its files total {nbytes} bytes, more than the {max_bytes} allowed "
+            "(max_adapter_bytes)",
+            field=field,
+        )
+
+
+def pickled_only_error(adapter_id: str, field: str = "adapter") -> LoramergeError:
+    return FailedPrecondition(
+        f"adapter {adapter_id!r}: has only pickled {PICKLED_WEIGHTS_FILE} weights, which are never loaded; "
+        f"convert them to {WEIGHTS_FILE}",
+        field=field,
+    )
+
+
+def missing_weights_error(directory: Path, adapter_id: str, field: str = "adapter") -> LoramergeError:
+    """FailedPrecondition when only pickled weights are there (never opened), else NotFound."""
+    if (directory / PICKLED_WEIGHTS_FILE).exists():
+        return pickled_only_error(adapter_id, field)
+    return NotFound(f"adapter {adapter_id!r}: has no {WEIGHTS_FILE}", field=field)
