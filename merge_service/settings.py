@@ -1,0 +1,44 @@
+"""Settings of the merge service: flags, or environment variables prefixed LORAMERGE_MERGE_."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from loramerge_common.server import ServerSettings
+from loramerge_common.settings import GiB, MiB, setting
+
+ENV_PREFIX = "LORAMERGE_MERGE_"
+
+
+@dataclass(frozen=True)
+class MergeSettings(ServerSettings):
+    """loramerge merge service: merges LoRA adapters and streams the result over gRPC."""
+
+    listen: str = setting("0.0.0.0:50061", "host:port to serve gRPC on (port 0 picks a free port)")
+    metrics_port: int = setting(9461, "HTTP port for Prometheus /metrics; 0 turns it off")
+    adapter_root: Path | None = setting(None, "directory holding local adapters (ids are paths under it)")
+    hub_token_env: str = setting("HF_TOKEN", "name of the environment variable holding the Hub token")
+    hub_cache_dir: Path | None = setting(None, "Hugging Face Hub cache directory (default: the hub's own)")
+    cache_memory_bytes: int = setting(
+        1 * GiB, "bound of the in-memory cache of merged adapters", byte_size=True
+    )
+    cache_disk_bytes: int = setting(
+        10 * GiB, "bound of the disk cache (used when cache_dir is set)", byte_size=True
+    )
+    cache_dir: Path | None = setting(None, "directory of the disk cache; unset: memory only")
+    chunk_bytes: int = setting(1 * MiB, "size of the data chunks streamed by Merge", byte_size=True)
+    max_adapters: int = setting(16, "most adapters one request may merge")
+    max_adapter_bytes: int = setting(
+        2 * GiB, "largest adapter (its files) accepted; 0: no limit", byte_size=True
+    )
+    max_request_bytes: int = setting(
+        8 * GiB, "most input bytes one merge may read; 0: no limit", byte_size=True
+    )
+    max_concurrent_builds: int = setting(2, "merges computed at the same time; others wait")
+    device: str = setting("auto", "where merges run: auto, cpu or cuda")
+
+    def hub_token(self) -> str | None:
+        """The Hub token from the variable named by hub_token_env; kept out of the settings and logs."""
+        return os.environ.get(self.hub_token_env) or None
