@@ -6,8 +6,14 @@ them from flags. Validation that needs no I/O lives here (``MergeSpec.validate``
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
+
+from loramerge_common.errors import FailedPrecondition, InvalidArgument
+
+MAX_SEED = 2**64 - 1
+F32_MAX = 3.4028234663852886e38  # weights travel as float32
 
 
 class SourceKind(StrEnum):
@@ -61,3 +67,101 @@ class MergeSpec:
     dtype: Dtype = Dtype.FLOAT32
     max_rank: int = 0  # 0: no limit
     extra: dict[str, float] = field(default_factory=dict)  # parameters of strategies added later
+
+    def validate(self) -> None:
+        """Check everything that needs no I/O; raise InvalidArgument (or FailedPrecondition for a rank
+        above max_rank) naming the field and the offending value."""
+        from merge_service import strategies
+
+        if not self.adapters:
+            raise InvalidArgument(
+                "spec.adapters must name at least one adapter, got none", field="spec.adapters"
+            )
+        for i, ref in enumerate(self.adapters):
+            if not isinstance(ref.id, str) or not ref.id.strip():
+                raise InvalidArgument(
+                    f"spec.adapters[{i}].id must be non-empty, got {ref.id!r}", field=f"spec.adapters[{i}].id"
+                )
+            w = ref.weight
+            if (
+                isinstance(w, bool)
+                or not isinstance(w, int | float)
+                or not math.isfinite(w)
+                or abs(w) > F32_MAX
+            ):
+                raise InvalidArgument(
+                    f"spec.adapters[{i}].weight must be a finite number, got {w!r}",
+                    field=f"spec.adapters[{i}].weight",
+                )
+        name = str(self.strategy)
+        if name not in strategies.REGISTRY:
+            raise InvalidArgument(
+                f"spec.merge_strategy must be one of {sorted(strategies.REGISTRY)}, got {name!r}",
+                field="spec.merge_strategy",
+            )
+        strategy = strategies.get(name)
+        if strategy.uses_density:
+            d = self.density
+            if d is None:
+                raise InvalidArgument(
+                    f"spec.density is required by strategy {name!r}: a fraction in (0, 1] of values to keep",
+                    field="spec.density",
+                )
+            if isinstance(d, bool) or not isinstance(d, int | float) or not (math.isfinite(d) and 0 < d <= 1):
+                raise InvalidArgument(f"spec.density must be in (0, 1], got {d!r}", field="spec.density")
+        if str(self.sign_method) not in {m.value for m in SignMethod}:
+            raise InvalidArgument(
+                f"spec.majority_sign_method must be one of {[m.value for m in SignMethod]}, "
+                f"got {self.sign_method!r}",
+                field="spec.majority_sign_method",
+            )
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED
+        ):
+            raise InvalidArgument(
+                f"spec.seed must be an integer in [0, 2^64), got {self.seed!r}", field="spec.seed"
+            )
+        for fname, enum in (("space", Space), ("dtype", Dtype)):
+            value = getattr(self, fname)
+            if str(value) not in {m.value for m in enum}:
+                raise InvalidArgument(
+                    f"spec.{fname} must be one of {[m.value for m in enum]}, got {value!r}",
+                    field=f"spec.{fname}",
+                )
+        for fname in ("target_rank", "max_rank"):
+            value = getattr(self, fname)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidArgument(
+                    f"spec.{fname} must be a non-negative integer, got {value!r}", field=f"spec.{fname}"
+                )
+        if self.max_rank and self.target_rank > self.max_rank:
+            raise FailedPrecondition(
+                f"spec.target_rank {self.target_rank} exceeds max_rank {self.max_rank} "
+                "(the highest rank the engine can load)",
+                field="spec.target_rank",
+            )
+        if self.extra:
+            raise InvalidArgument(
+                f"spec.extra: strategy {name!r} takes no extra parameters, got {sorted(self.extra)}",
+                field="spec.extra",
+            )
+
+    def normalized(self) -> MergeSpec:
+        """This spec with enums coerced, weights and density rounded to float32 (their wire precision),
+        and parameters the strategy does not read dropped (density, seed) or reset (sign method)."""
+        from merge_service import strategies
+        from merge_service.identity import f32
+
+        strategy = strategies.get(str(self.strategy))
+        return replace(
+            self,
+            adapters=tuple(
+                replace(a, source=SourceKind(a.source), weight=f32(a.weight)) for a in self.adapters
+            ),
+            strategy=Strategy(strategy.name),
+            density=f32(self.density) if strategy.uses_density and self.density is not None else None,
+            sign_method=SignMethod(self.sign_method) if strategy.uses_sign_method else SignMethod.TOTAL,
+            seed=self.seed if strategy.random else None,
+            space=Space(self.space),
+            dtype=Dtype(self.dtype),
+        )

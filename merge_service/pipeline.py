@@ -1,0 +1,357 @@
+"""The merge as the service and the CLI see it: plan (cheap, no tensors) then build (blocking).
+
+``Merger.plan`` validates the spec, resolves every adapter to pinned local files, reads the configs
+and the safetensors headers (shapes, not tensors), checks that the adapters can be merged, picks the
+output rank and computes the merge key. ``Merger.build`` loads the factors and merges module by
+module (one dense d_out×d_in matrix at a time at most), on CUDA when present with device="auto".
+
+Adapters are merged in a canonical order (content digest, then weight), the same order the merge
+key sorts them in, so a permuted request gives the same key and the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from loramerge_common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from merge_service import strategies
+from merge_service.adapter import (
+    AdapterConfig,
+    LoraAdapter,
+    check_structure,
+    load_adapter,
+    read_config,
+    read_safetensors_header,
+)
+from merge_service.engine import Part, merge_module, pad_rank
+from merge_service.identity import ALGORITHM_VERSION, derived_seed, merge_key
+from merge_service.output import (
+    TORCH_DTYPES,
+    adapter_config,
+    config_json,
+    safetensors_bytes,
+    tensor_names,
+    write_peft_dir,
+)
+from merge_service.sources.base import CONFIG_FILE, WEIGHTS_FILE, ResolvedSource
+from merge_service.spec import AdapterRef, MergeSpec, Space
+from merge_service.strategies import MergeParams
+
+__all__ = ["BuiltAdapter", "Merger", "ModuleStat", "Plan", "SourceResolver", "write_peft_dir"]
+
+Progress = Callable[[str, int, int], None]
+
+
+class SourceResolver(Protocol):
+    def resolve(self, ref: AdapterRef, field: str = "adapter") -> ResolvedSource: ...
+
+
+@dataclass(frozen=True)
+class ModuleStat:
+    name: str
+    rank: int
+    relative_error: float
+
+
+@dataclass(frozen=True)
+class ModuleShape:
+    """A module of the merge: its shape and each adapter's rank for it (0: the adapter lacks it)."""
+
+    name: str
+    d_out: int
+    d_in: int
+    ranks: tuple[int, ...]  # in spec.adapters order
+
+
+@dataclass(frozen=True)
+class Plan:
+    spec: MergeSpec  # effective spec (defaults applied, seed filled in)
+    sources: tuple[ResolvedSource, ...]  # in spec.adapters order
+    merge_key: str  # hex sha256
+    rank: int  # output rank
+    estimated_bytes: int
+    base_model: str
+    modules: tuple[ModuleShape, ...] = ()
+    order: tuple[int, ...] = ()  # canonical merge order: indices into spec.adapters
+    task_type: str | None = None
+    input_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class BuiltAdapter:
+    merge_key: str
+    config_json: str
+    data: bytes  # adapter_model.safetensors bytes
+    sha256: str
+    rank: int
+    modules: tuple[ModuleStat, ...]
+    base_model: str
+    build_seconds: float
+    device: str = "cpu"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def max_relative_error(self) -> float:
+        return max((m.relative_error for m in self.modules), default=0.0)
+
+
+def pick_device(device: str) -> str:
+    """ "auto" → "cuda" when a GPU answers, else "cpu"; anything else is checked and returned."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FailedPrecondition(
+            f"device {device!r} asked for but no CUDA device is available", field="device"
+        )
+    if device != "cpu" and not device.startswith("cuda"):
+        raise InvalidArgument(f"device must be auto, cpu or cuda[:N], got {device!r}", field="device")
+    return device
+
+
+def _read_shapes(src: ResolvedSource, config: AdapterConfig, fld: str) -> dict[str, tuple[int, int, int]]:
+    """{module: (rank, d_out, d_in)} from the safetensors header alone."""
+    path = src.path / WEIGHTS_FILE
+    with open(path, "rb") as f:
+        infos, _ = read_safetensors_header(f, os.fstat(f.fileno()).st_size, src.id, fld)
+    pairs = check_structure(infos, config, src.id, fld)
+    return {m: (infos[a].shape[0], infos[b].shape[0], infos[a].shape[1]) for m, (a, b) in pairs.items()}
+
+
+def _file_bytes(src: ResolvedSource) -> int:
+    if getattr(src, "nbytes", 0):
+        return src.nbytes
+    return sum((src.path / name).stat().st_size for name in (CONFIG_FILE, WEIGHTS_FILE))
+
+
+def _output_rank(spec: MergeSpec, modules: tuple[ModuleShape, ...]) -> int:
+    """target_rank when given; else the exact rank (delta: Σ r_i per module; factors: r), capped by
+    max_rank (compressing)."""
+    if spec.space == Space.FACTORS:
+        exact = max(max(m.ranks) for m in modules)
+    else:
+        exact = max(sum(m.ranks) for m in modules)
+    if spec.target_rank:
+        return min(spec.target_rank, exact)
+    return min(exact, spec.max_rank) if spec.max_rank else exact
+
+
+class Merger:
+    def __init__(self, resolver: SourceResolver, device: str = "auto", max_input_bytes: int | None = None):
+        self.resolver = resolver
+        self.device = device
+        self.max_input_bytes = max_input_bytes
+
+    # ------------------------------------------------------------------------------------- plan
+    def plan(self, spec: MergeSpec) -> Plan:
+        """Validate, resolve sources, read configs and headers, pick the rank, compute the key."""
+        spec.validate()
+        spec = spec.normalized()
+        fields = [f"spec.adapters[{i}]" for i in range(len(spec.adapters))]
+        sources = tuple(
+            self.resolver.resolve(ref, field=fld) for ref, fld in zip(spec.adapters, fields, strict=True)
+        )
+        configs = [read_config(src.path, src.id, fld) for src, fld in zip(sources, fields, strict=True)]
+
+        input_bytes = sum(_file_bytes(src) for src in sources)
+        if self.max_input_bytes is not None and input_bytes > self.max_input_bytes:
+            raise ResourceExhausted(
+                f"spec.adapters: the adapters hold {input_bytes} bytes, more than the {self.max_input_bytes} "
+                "allowed per merge",
+                field="spec.adapters",
+            )
+        base_model = self._common_base(spec, configs)
+        modules = self._modules(spec, sources, configs, fields)
+        rank = _output_rank(spec, modules)
+        if spec.max_rank and rank > spec.max_rank:
+            raise FailedPrecondition(
+                f"the merged adapter would have rank {rank}, above max_rank {spec.max_rank}",
+                field="spec.max_rank",
+            )
+        digests = [src.digest for src in sources]
+        if strategies.get(spec.strategy).random and spec.seed is None:
+            spec = replace(spec, seed=derived_seed(spec, digests, rank))
+        order = tuple(sorted(range(len(sources)), key=lambda i: (digests[i], spec.adapters[i].weight, i)))
+        itemsize = torch.tensor([], dtype=TORCH_DTYPES[spec.dtype]).element_size()
+        data_bytes = sum(rank * (m.d_in + m.d_out) * itemsize for m in modules)
+        header_bytes = 16 + sum(2 * (len(m.name) + 100) for m in modules)
+        return Plan(
+            spec=spec,
+            sources=sources,
+            merge_key=merge_key(spec, digests, rank),
+            rank=rank,
+            estimated_bytes=data_bytes + header_bytes,
+            base_model=base_model,
+            modules=modules,
+            order=order,
+            task_type=next((c.raw.get("task_type") for c in configs if c.raw.get("task_type")), None),
+            input_bytes=input_bytes,
+        )
+
+    @staticmethod
+    def _common_base(spec: MergeSpec, configs: list[AdapterConfig]) -> str:
+        named = {c.base_model for c in configs if c.base_model}
+        if len(named) > 1:
+            listing = ", ".join(
+                f"{ref.id!r}: {c.base_model!r}" for ref, c in zip(spec.adapters, configs, strict=True)
+            )
+            raise FailedPrecondition(
+                f"spec.adapters: all adapters must be trained on the same base model, got {listing}",
+                field="spec.adapters",
+            )
+        return named.pop() if named else ""
+
+    @staticmethod
+    def _modules(
+        spec: MergeSpec, sources: tuple[ResolvedSource, ...], configs: list[AdapterConfig], fields: list[str]
+    ) -> tuple[ModuleShape, ...]:
+        shapes = [_read_shapes(src, cfg, fld) for src, cfg, fld in zip(sources, configs, fields, strict=True)]
+        names = sorted(set().union(*shapes))
+        out = []
+        for name in names:
+            dims = {(s[name][1], s[name][2]) for s in shapes if name in s}
+            if len(dims) > 1:
+                listing = ", ".join(
+                    f"{src.id!r}: {list(s[name][1:])}"
+                    for src, s in zip(sources, shapes, strict=True)
+                    if name in s
+                )
+                raise InvalidArgument(
+                    f"spec.adapters: module {name!r} has different shapes (d_out, d_in) across adapters: "
+                    f"{listing}; they cannot share one base model",
+                    field="spec.adapters",
+                )
+            ranks = tuple(s[name][0] if name in s else 0 for s in shapes)
+            if spec.space == Space.FACTORS and len({r for r in ranks if r}) > 1:
+                listing = ", ".join(f"{src.id!r}: {r}" for src, r in zip(sources, ranks, strict=True) if r)
+                raise InvalidArgument(
+                    f"spec.space: space=factors needs equal ranks, but module {name!r} has ranks {listing}; "
+                    "use space=delta, which merges adapters of any ranks exactly",
+                    field="spec.space",
+                )
+            d_out, d_in = dims.pop()
+            out.append(ModuleShape(name, d_out, d_in, ranks))
+        return tuple(out)
+
+    # ------------------------------------------------------------------------------------ build
+    def build(self, plan: Plan, progress: Progress | None = None) -> BuiltAdapter:
+        """Load the adapters and merge module by module. Same plan ⇒ byte-identical ``data``."""
+        t0 = time.perf_counter()
+        device = pick_device(self.device)
+        spec = plan.spec
+        strategy = strategies.get(spec.strategy)
+        params = MergeParams(
+            density=spec.density if spec.density is not None else 1.0,
+            sign_method=spec.sign_method,
+            seed=spec.seed or 0,
+        )
+        order = plan.order or tuple(range(len(plan.sources)))
+        total = len(plan.modules)
+        if progress:
+            progress("load", 0, len(order))
+        adapters: list[LoraAdapter] = []
+        for n, i in enumerate(order):
+            adapters.append(load_adapter(plan.sources[i], device, field=f"spec.adapters[{i}]"))
+            if progress:
+                progress("load", n + 1, len(order))
+        weights = [spec.adapters[i].weight for i in order]
+        keys = _adapter_keys([plan.sources[i].digest for i in order])
+        out_dtype = TORCH_DTYPES[spec.dtype]
+
+        tensors: dict[str, torch.Tensor] = {}
+        stats: list[ModuleStat] = []
+        for n, shape in enumerate(plan.modules):
+            parts = []
+            for a in adapters:
+                mod = a.modules.get(shape.name)
+                parts.append(None if mod is None else Part(mod.A, mod.B, mod.scale))
+            self._check_loaded(shape, parts, adapters)
+            with torch.no_grad():
+                result = merge_module(
+                    shape.name, parts, weights, keys, strategy, params, spec.space, plan.rank
+                )
+                B, A = pad_rank(result, plan.rank)
+            name_a, name_b = tensor_names(shape.name)
+            tensors[name_a] = A.to(device="cpu", dtype=out_dtype)
+            tensors[name_b] = B.to(device="cpu", dtype=out_dtype)
+            stats.append(ModuleStat(shape.name, result.rank, float(result.relative_error)))
+            if progress:
+                progress("merge", n + 1, total)
+        del adapters
+        data = safetensors_bytes(tensors)
+        config = adapter_config(
+            rank=plan.rank,
+            modules=[m.name for m in plan.modules],
+            base_model=plan.base_model,
+            task_type=plan.task_type,
+            record=self.record(plan),
+        )
+        return BuiltAdapter(
+            merge_key=plan.merge_key,
+            config_json=config_json(config),
+            data=data,
+            sha256=hashlib.sha256(data).hexdigest(),
+            rank=plan.rank,
+            modules=tuple(stats),
+            base_model=plan.base_model,
+            build_seconds=time.perf_counter() - t0,
+            device=device,
+        )
+
+    @staticmethod
+    def _check_loaded(shape: ModuleShape, parts: list[Part | None], adapters: list[LoraAdapter]) -> None:
+        """The files may have changed between plan and build: refuse to key different content."""
+        for p, a in zip(parts, adapters, strict=True):
+            if p is not None and (p.B.shape[0], p.A.shape[1]) != (shape.d_out, shape.d_in):
+                raise FailedPrecondition(
+                    f"adapter {a.id!r} changed while merging: module {shape.name!r} is now "
+                    f"{list(p.B.shape)}×{list(p.A.shape)}",
+                    field="spec.adapters",
+                )
+
+    @staticmethod
+    def record(plan: Plan) -> dict:
+        """What the merged adapter's config records about how it was made."""
+        spec = plan.spec
+        return {
+            "merge_key": plan.merge_key,
+            "algorithm_version": ALGORITHM_VERSION,
+            "request": {
+                "adapters": [
+                    {"id": src.id, "revision": src.revision, "digest": src.digest, "weight": ref.weight}
+                    for ref, src in zip(spec.adapters, plan.sources, strict=True)
+                ],
+                "strategy": str(spec.strategy),
+                "density": spec.density,
+                "majority_sign_method": str(spec.sign_method),
+                "seed": spec.seed,
+                "space": str(spec.space),
+                "target_rank": spec.target_rank,
+                "max_rank": spec.max_rank,
+                "dtype": str(spec.dtype),
+            },
+            "rank": plan.rank,
+        }
+
+
+def _adapter_keys(digests: list[str]) -> list[str]:
+    """Stable per-adapter labels for seeding: the digest, with an occurrence count for repeats."""
+    seen: dict[str, int] = {}
+    out = []
+    for d in digests:
+        out.append(f"{d}#{seen.get(d, 0)}")
+        seen[d] = seen.get(d, 0) + 1
+    return out
+
+
+def load_record(path: Path) -> dict:
+    """The "loramerge" record of a merged adapter directory."""
+    return json.loads((Path(path) / CONFIG_FILE).read_text())["loramerge"]

@@ -1,0 +1,212 @@
+"""Merge strategies: a registry of pure tensor functions.
+
+Every strategy maps task tensors T_1..T_n (same shape) and weights w_1..w_n to one tensor.
+Each declares beside its code which request parameters it reads, so validation, the merge key
+and the CLI all ask the registry instead of repeating per-strategy rules.
+
+Semantics (as in PEFT's merge_utils, with DARE rescaled and seeded):
+- prune by magnitude: keep the top floor(density·numel) |values| of each tensor, zero the rest.
+- prune at random (DARE): keep each value with probability density, divide survivors by density.
+- majority sign over the unweighted pruned tensors: total = sign(Σ P_i), frequency = sign(Σ sign(P_i));
+  a tie (0) counts as +.
+- disjoint merge: Σ w_i P_i·m_i / max(1, Σ m_i), with m_i = [sign(P_i) == majority sign]; zeros never agree.
+
+Random masks are drawn on the CPU from torch's Mersenne Twister seeded per tensor (see
+``tensor_seed``), then moved to the tensor's device, so CPU and CUDA merges draw identical masks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from merge_service.spec import SignMethod, Strategy
+
+
+@dataclass(frozen=True)
+class MergeParams:
+    """The strategy parameters of one request, after validation and defaults."""
+
+    density: float = 1.0
+    sign_method: SignMethod = SignMethod.TOTAL
+    seed: int = 0
+
+
+# A merge function: (tensors, weights, params, seeds) -> merged tensor. ``seeds`` holds one
+# seed per input tensor (random strategies only; see ``tensor_seed``).
+MergeFn = Callable[[Sequence[torch.Tensor], Sequence[float], MergeParams, Sequence[int]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StrategyDef:
+    name: str
+    fn: MergeFn
+    params: frozenset[str]  # request parameters read: "density", "sign_method", "seed"
+    linear: bool  # Σ w_i T_i exactly: delta space may merge by rank concatenation
+    doc: str
+
+    @property
+    def uses_density(self) -> bool:
+        return "density" in self.params
+
+    @property
+    def uses_sign_method(self) -> bool:
+        return "sign_method" in self.params
+
+    @property
+    def random(self) -> bool:
+        return "seed" in self.params
+
+
+REGISTRY: dict[str, StrategyDef] = {}
+
+
+def register(name: str, *, params: Sequence[str] = (), linear: bool = False) -> Callable[[MergeFn], MergeFn]:
+    def deco(fn: MergeFn) -> MergeFn:
+        REGISTRY[name] = StrategyDef(name, fn, frozenset(params), linear, (fn.__doc__ or "").strip())
+        return fn
+
+    return deco
+
+
+def get(name: str | Strategy) -> StrategyDef:
+    """The registered strategy ``name``; KeyError when unknown (spec validation reports it first)."""
+    return REGISTRY[str(name)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def keep_count(numel: int, density: float) -> int:
+    """k = floor(density·numel) (PEFT's rounding)."""
+    return min(numel, math.floor(density * numel))
+
+
+def magnitude_prune_tensor(t: torch.Tensor, density: float) -> torch.Tensor:
+    """P = T with all but the top k = floor(density·numel) |values| zeroed.
+
+    The threshold comes from a k-th order statistic (linear time, unlike a full top-k);
+    values equal to the threshold are kept first-by-index until exactly k survive.
+    """
+    n = t.numel()
+    k = keep_count(n, density)
+    if k >= n:
+        return t.clone()
+    if k <= 0:
+        return torch.zeros_like(t)
+    mag = t.abs().reshape(-1)
+    thr = torch.kthvalue(mag, n - k + 1).values
+    keep = mag > thr
+    short = k - int(keep.sum())
+    if short > 0:
+        ties = torch.nonzero(mag == thr).squeeze(1)[:short]
+        keep[ties] = True
+    return (t.reshape(-1) * keep).reshape(t.shape)
+
+
+def tensor_seed(seed: int, *labels: object) -> int:
+    """A 63-bit seed for one tensor: sha256 of the request seed and labels (module, adapter, factor).
+
+    Seeding each tensor on its own makes masks independent of module order and adapter order.
+    """
+    text = "\x1f".join([str(seed), *map(str, labels)])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
+
+
+def bernoulli_mask(
+    shape: torch.Size | Sequence[int], density: float, seed: int, device: torch.device
+) -> torch.Tensor:
+    """A bool mask with P(True) = density from a CPU Mersenne Twister seeded with ``seed``."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    mask = torch.rand(tuple(shape), generator=gen) < density
+    return mask.to(device)
+
+
+def dare_prune_tensor(t: torch.Tensor, density: float, seed: int) -> torch.Tensor:
+    """P = T·Bernoulli(density)/density: random drop with the expectation preserved (E[P] = T)."""
+    if density >= 1.0:
+        return t.clone()
+    mask = bernoulli_mask(t.shape, density, seed, t.device)
+    return t * mask / density
+
+
+def majority_sign(pruned: torch.Tensor, method: SignMethod) -> torch.Tensor:
+    """Elected sign per entry of stacked tensors (n, ...): total = sign Σ P_i, frequency = sign Σ sign P_i;
+    ties give +1."""
+    votes = pruned.sum(dim=0) if method == SignMethod.TOTAL else pruned.sign().sum(dim=0)
+    return torch.where(votes >= 0, 1.0, -1.0).to(pruned.dtype)
+
+
+def disjoint_merge(pruned: torch.Tensor, weights: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """Σ w_i P_i·m_i / max(1, Σ m_i) with m_i = [sign(P_i) == sign]: the mean over agreeing entries."""
+    agree = pruned.sign() == sign
+    w = weights.to(pruned.dtype).reshape(-1, *([1] * (pruned.dim() - 1)))
+    total = (pruned * w * agree).sum(dim=0)
+    count = agree.sum(dim=0).clamp(min=1)
+    return total / count
+
+
+def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Σ w_i T_i, accumulated in the given order (callers fix the order for reproducible bytes)."""
+    out = tensors[0] * weights[0]
+    for t, w in zip(tensors[1:], weights[1:], strict=True):
+        out.add_(t, alpha=w)
+    return out
+
+
+def _ties_merge(pruned: Sequence[torch.Tensor], weights: Sequence[float], method: SignMethod) -> torch.Tensor:
+    stacked = torch.stack(list(pruned))
+    w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
+    return disjoint_merge(stacked, w, majority_sign(stacked, method))
+
+
+# ---------------------------------------------------------------------------------------------
+# Strategies
+
+
+@register("linear", linear=True)
+def linear(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float], params: MergeParams, seeds: Sequence[int]
+) -> torch.Tensor:
+    """Task arithmetic: Σ w_i T_i."""
+    return weighted_sum(tensors, weights)
+
+
+@register("magnitude_prune", params=("density",))
+def magnitude_prune(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float], params: MergeParams, seeds: Sequence[int]
+) -> torch.Tensor:
+    """Σ w_i P_i with P_i = T_i keeping its top floor(density·numel) magnitudes."""
+    return weighted_sum([magnitude_prune_tensor(t, params.density) for t in tensors], weights)
+
+
+@register("ties", params=("density", "sign_method"))
+def ties(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float], params: MergeParams, seeds: Sequence[int]
+) -> torch.Tensor:
+    """TIES: magnitude-pruned P_i, sign elected from the unweighted P_i, disjoint weighted mean."""
+    pruned = [magnitude_prune_tensor(t, params.density) for t in tensors]
+    return _ties_merge(pruned, weights, params.sign_method)
+
+
+@register("dare_linear", params=("density", "seed"))
+def dare_linear(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float], params: MergeParams, seeds: Sequence[int]
+) -> torch.Tensor:
+    """DARE: Σ w_i T_i·Bernoulli(density)/density, masks seeded per tensor."""
+    pruned = [dare_prune_tensor(t, params.density, s) for t, s in zip(tensors, seeds, strict=True)]
+    return weighted_sum(pruned, weights)
+
+
+@register("dare_ties", params=("density", "sign_method", "seed"))
+def dare_ties(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float], params: MergeParams, seeds: Sequence[int]
+) -> torch.Tensor:
+    """DARE-TIES: the DARE P_i, then the TIES sign election and disjoint weighted mean."""
+    pruned = [dare_prune_tensor(t, params.density, s) for t, s in zip(tensors, seeds, strict=True)]
+    return _ties_merge(pruned, weights, params.sign_method)
