@@ -1,0 +1,34 @@
+"""``python -m inference_service`` / ``loramerge-inference-service``: run the inference service.
+
+Flags override environment variables (LORAMERGE_INFERENCE_*); ``--help`` lists them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from inference_service.server import serve
+from inference_service.settings import ENV_PREFIX, InferenceSettings
+from loramerge_common.logs import setup_logging
+from loramerge_common.settings import SettingsError, load_settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        settings = load_settings(
+            InferenceSettings,
+            ENV_PREFIX,
+            sys.argv[1:] if argv is None else argv,
+            prog="loramerge-inference-service",
+        )
+    except SettingsError as e:
+        sys.exit(f"loramerge-inference-service: {e}")
+    if not settings.model:
+        sys.exit("loramerge-inference-service: --model (LORAMERGE_INFERENCE_MODEL) is required")
+    setup_logging(settings.log_level, settings.log_format)
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""The embedded vLLM engine: one AsyncLLM with LoRA enabled, and the route base-model requests take.
+
+vLLM runs the model in child processes (spawn), so ``Engine.start`` must be called from a program
+whose start-up sits under ``if __name__ == "__main__":``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from inference_service.settings import KV_CACHE_CPU_DEFAULT, EngineSettings
+from inference_service.zero_adapter import ZERO_ADAPTER_NAME, write_zero_adapter
+from loramerge_common.errors import InvalidArgument, ResourceExhausted, Unavailable
+
+log = logging.getLogger(__name__)
+
+ZERO_ADAPTER_ID = 1  # lora_int_id of the all-zero base adapter; merged adapters get ids above it
+CPU_BLOCK_SIZE = 32  # vLLM's CPU attention needs KV blocks in multiples of 32
+
+
+def has_gpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return not current_platform.is_cpu()
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    model: str
+    model_name: str
+    max_lora_rank: int
+    max_model_len: int
+    base_via_zero_adapter: bool
+    device: str
+
+
+class Engine:
+    """AsyncLLM plus the LoRA calls the registry needs, with vLLM errors turned into domain errors."""
+
+    def __init__(self, llm, info: EngineInfo, base_lora) -> None:
+        self._llm = llm
+        self.info = info
+        self._base_lora = base_lora  # LoRARequest of the zero adapter, or None
+
+    @classmethod
+    async def start(cls, settings: EngineSettings, work_dir: Path) -> Engine:
+        """Start vLLM on ``settings.model``; on CPU (or when asked) register the all-zero base adapter."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.lora.request import LoRARequest
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        if not settings.model:
+            raise InvalidArgument("model must be set (a local directory or a hub id), got ''", field="model")
+        gpu = has_gpu()
+        zero = {"auto": not gpu, "true": True, "false": False}.get(settings.base_via_zero_adapter.lower())
+        if zero is None:
+            raise InvalidArgument(
+                f"base_via_zero_adapter must be auto, true or false, got {settings.base_via_zero_adapter!r}",
+                field="base_via_zero_adapter",
+            )
+        dtype = settings.dtype if settings.dtype != "auto" or gpu else "float32"
+        kv_bytes = settings.kv_cache_bytes or (None if gpu else KV_CACHE_CPU_DEFAULT)
+        args = AsyncEngineArgs(
+            model=settings.model,
+            served_model_name=settings.model_name,
+            dtype=dtype,
+            max_model_len=settings.max_model_len,
+            enable_lora=True,
+            max_lora_rank=settings.max_lora_rank,
+            max_loras=settings.max_loras,
+            max_cpu_loras=settings.max_cpu_loras,
+            kv_cache_memory_bytes=kv_bytes,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            enforce_eager=settings.enforce_eager or not gpu,
+            block_size=None if gpu else CPU_BLOCK_SIZE,
+            disable_log_stats=True,
+        )
+        log.info(
+            "starting vLLM: model=%s dtype=%s kv_cache_bytes=%s gpu=%s", settings.model, dtype, kv_bytes, gpu
+        )
+        llm = AsyncLLM.from_engine_args(args)
+        base_lora = None
+        try:
+            if zero:
+                path = write_zero_adapter(work_dir / ZERO_ADAPTER_NAME, settings.model, settings.model_name)
+                base_lora = LoRARequest(ZERO_ADAPTER_NAME, ZERO_ADAPTER_ID, str(path))
+                await llm.add_lora(base_lora)
+                await llm.pin_lora(ZERO_ADAPTER_ID)
+        except BaseException:
+            llm.shutdown()
+            raise
+        info = EngineInfo(
+            model=settings.model,
+            model_name=settings.model_name,
+            max_lora_rank=settings.max_lora_rank,
+            max_model_len=settings.max_model_len,
+            base_via_zero_adapter=zero,
+            device="gpu" if gpu else "cpu",
+        )
+        return cls(llm, info, base_lora)
+
+    @property
+    def reserved_lora_slots(self) -> int:
+        """vLLM CPU-cache slots not available to merged adapters."""
+        return 1 if self._base_lora is not None else 0
+
+    async def add_lora(self, name: str, lora_int_id: int, path: Path) -> None:
+        """Load an adapter directory into vLLM; a bad one raises InvalidArgument and the engine lives on."""
+        from vllm.lora.request import LoRARequest
+
+        self._raise_if_dead()
+        try:
+            await self._llm.add_lora(LoRARequest(name, lora_int_id, str(path)))
+        except Exception as e:
+            self._raise_if_dead()
+            raise InvalidArgument(f"vLLM rejected adapter {name}: {e}", field="adapter") from e
+
+    async def remove_lora(self, lora_int_id: int) -> None:
+        if self._llm.errored:
+            return
+        try:
+            await self._llm.remove_lora(lora_int_id)
+        except Exception:  # already gone from vLLM's cache is fine: the registry forgets it anyway
+            log.warning("remove_lora(%d) failed", lora_int_id, exc_info=True)
+
+    def lora_request(self, name: str | None, lora_int_id: int = 0, path: Path | None = None):
+        """The LoRARequest a generate call carries: the adapter's, or the base route's for ``name=None``."""
+        from vllm.lora.request import LoRARequest
+
+        if name is None:
+            return self._base_lora
+        return LoRARequest(name, lora_int_id, str(path))
+
+    async def generate(self, prompt: str, params, request_id: str, lora_request) -> AsyncIterator:
+        """vLLM's RequestOutput stream. Cancelling the consumer aborts the request inside vLLM."""
+        from vllm.exceptions import VLLMClientError, VLLMValidationError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        self._raise_if_dead()
+        try:
+            async for out in self._llm.generate(prompt, params, request_id, lora_request=lora_request):
+                yield out
+        except EngineDeadError as e:
+            raise Unavailable("the vLLM engine has died; the service must be restarted") from e
+        except VLLMValidationError as e:
+            raise InvalidArgument(str(e), field=getattr(e, "parameter", None) or "prompt") from e
+        except VLLMClientError as e:
+            raise ResourceExhausted(f"vLLM refused the request: {e}") from e
+        except ValueError as e:
+            raise InvalidArgument(str(e), field="prompt") from e
+
+    async def abort(self, request_id: str) -> None:
+        await self._llm.abort(request_id)
+
+    @property
+    def healthy(self) -> bool:
+        return not self._llm.errored
+
+    async def check_health(self) -> None:
+        self._raise_if_dead()
+        await self._llm.check_health()
+
+    def _raise_if_dead(self) -> None:
+        if self._llm.errored:
+            raise Unavailable("the vLLM engine has died; the service must be restarted")
+
+    def tokenizer(self):
+        return self._llm.get_tokenizer()
+
+    def shutdown(self) -> None:
+        self._llm.shutdown()

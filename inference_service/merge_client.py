@@ -1,0 +1,179 @@
+"""Fetch a merged adapter from the merge service: retry while it is unavailable, resume broken streams.
+
+Uses the generated stubs directly (not the client library). ``dns:///name:port`` addresses are
+balanced round-robin over every address the name resolves to (a headless Kubernetes Service).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+import grpc.aio
+from grpc_status import rpc_status
+from loramerge.v1 import merge_pb2, merge_pb2_grpc
+
+from inference_service.receiver import AdapterWriter, Received, receive
+from inference_service.settings import MergeClientSettings
+from inference_service.specs import merged_spec_field
+from loramerge_common.auth import bearer_metadata, load_token
+from loramerge_common.errors import (
+    DeadlineExceeded,
+    FieldViolation,
+    LoramergeError,
+    Unavailable,
+    error_class_for,
+    violations_from_status,
+)
+from loramerge_common.tls import channel_credentials
+
+log = logging.getLogger(__name__)
+
+# Codes after which the same request may succeed against another (or a restarted) merge pod.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
+
+
+@dataclass(frozen=True)
+class Fetched:
+    received: Received
+    attempts: int
+    resumed: int  # how many times a broken stream was resumed
+
+
+def backoff_delays(initial: float, maximum: float) -> Callable[[], float]:
+    """Exponential back-off with a factor of 2, capped at ``maximum``."""
+    delay = initial / 2
+
+    def next_delay() -> float:
+        nonlocal delay
+        delay = min(maximum, delay * 2)
+        return delay
+
+    return next_delay
+
+
+class MergeClient:
+    def __init__(
+        self, settings: MergeClientSettings, *, on_retry: Callable[[str], None] | None = None
+    ) -> None:
+        self.settings = settings
+        self.target = settings.merge_service
+        options = [
+            ("grpc.lb_policy_name", "round_robin"),
+            ("grpc.max_receive_message_length", 64 * 2**20),
+            ("grpc.enable_retries", 0),  # we retry (and resume) ourselves
+        ]
+        if settings.merge_tls_ca is not None or settings.merge_tls_cert is not None:
+            creds = channel_credentials(
+                settings.merge_tls_ca, settings.merge_tls_cert, settings.merge_tls_key
+            )
+            self._channel = grpc.aio.secure_channel(self.target, creds, options=options)
+        else:
+            self._channel = grpc.aio.insecure_channel(self.target, options=options)
+        token = load_token(None, settings.merge_auth_token_file)
+        self._metadata = bearer_metadata(token) if token else ()
+        self._stub = merge_pb2_grpc.MergeServiceStub(self._channel)
+        self._on_retry = on_retry or (lambda reason: None)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def fetch(
+        self,
+        spec: merge_pb2.MergeSpec,
+        writer: AdapterWriter,
+        *,
+        deadline: float,
+        field_namer: Callable[[str], str] = merged_spec_field,
+    ) -> Fetched:
+        """Stream ``spec``'s merged adapter into ``writer`` before ``deadline`` (time.monotonic()).
+
+        While the merge service is unavailable, retries with exponential back-off until the deadline,
+        then raises Unavailable. A stream that breaks after the header resumes from the last byte
+        received. Errors the merge service reports come back as the matching domain error.
+        """
+        next_delay = backoff_delays(
+            self.settings.merge_retry_initial_seconds, self.settings.merge_retry_max_seconds
+        )
+        attempts = resumed = 0
+        last_error = ""
+        t0 = time.perf_counter()
+        header_ms = 0.0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            attempts += 1
+            request = merge_pb2.MergeRequest(spec=spec)
+            if writer.header is not None:
+                request.resume_offset = writer.received
+                request.expected_merge_key = writer.header.merge_key
+            call = self._stub.Merge(request, timeout=remaining, metadata=self._metadata)
+            try:
+                received = await receive(call, writer)
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise DeadlineExceeded(
+                        f"merge service {self.target} did not deliver the adapter before the deadline "
+                        f"({attempts} attempt(s), {time.perf_counter() - t0:.1f} s)"
+                    ) from e
+                if e.code() not in RETRYABLE:
+                    raise await self._domain_error(e, call, field_namer) from e
+                last_error = f"{e.code().name}: {e.details()}"
+                if writer.header is not None:
+                    resumed += 1
+                    header_ms = header_ms or (time.perf_counter() - t0) * 1e3
+                self._on_retry(e.code().name)
+                delay = next_delay()
+                log.warning(
+                    "merge service call failed; retrying",
+                    extra={
+                        "target": self.target,
+                        "error": last_error,
+                        "retry_in": delay,
+                        "received": writer.received,
+                    },
+                )
+                if time.monotonic() + delay >= deadline:
+                    break
+                await asyncio.sleep(delay)
+                continue
+            finally:
+                call.cancel()
+            if header_ms:  # resumed: report the first attempt's time to header, the rest as transfer
+                total = (time.perf_counter() - t0) * 1e3
+                received = Received(
+                    header=received.header,
+                    config=received.config,
+                    directory=received.directory,
+                    bytes=received.bytes,
+                    header_ms=header_ms,
+                    transfer_ms=total - header_ms,
+                )
+            return Fetched(received=received, attempts=attempts, resumed=resumed)
+        raise Unavailable(
+            f"merge service {self.target} unavailable: {attempts} attempt(s) over "
+            f"{time.perf_counter() - t0:.1f} s, last error {last_error or 'none (deadline reached first)'}",
+            field=field_namer("spec"),
+        )
+
+    async def _domain_error(
+        self, e: grpc.aio.AioRpcError, call: grpc.aio.UnaryStreamCall, field_namer: Callable[[str], str]
+    ) -> LoramergeError:
+        try:
+            status = await rpc_status.aio.from_call(call)
+        except Exception:
+            status = None
+        violations = [
+            FieldViolation(field_namer(v.field), v.description) for v in violations_from_status(status)
+        ]
+        cls = error_class_for(e.code())
+        return cls(
+            f"merge service: {e.details()}",
+            field=violations[0].field if violations else field_namer("spec"),
+            violations=violations or None,
+        )

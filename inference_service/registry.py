@@ -1,0 +1,353 @@
+"""The adapter registry: merge key -> adapter registered with vLLM (name, lora_int_id, folder).
+
+- A spec seen before (same fingerprint) whose adapter is loaded is served without calling the
+  merge service.
+- A new spec is fetched once, however many requests ask for it at the same time (single flight),
+  verified, written into its own new folder and registered with ``add_lora`` under a new name and
+  a new lora_int_id before any request uses it: a bad adapter fails that request, not the engine.
+- The number of registered adapters is bounded: the least recently used one that no running
+  request holds is removed from vLLM and from disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import shutil
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from loramerge.v1 import merge_pb2
+
+from inference_service.engine import ZERO_ADAPTER_ID
+from inference_service.merge_client import Fetched
+from inference_service.metrics import InferenceMetrics
+from inference_service.receiver import AdapterLimits, AdapterWriter, Received, adapter_rank, receive
+from inference_service.specs import describe_spec, merged_spec_field, normalize_spec, spec_fingerprint
+from loramerge_common.errors import InvalidArgument, LoramergeError, NotFound
+
+log = logging.getLogger(__name__)
+
+
+class LoraEngine(Protocol):
+    """What the registry needs from the engine (the real one is inference_service.engine.Engine)."""
+
+    async def add_lora(self, name: str, lora_int_id: int, path: Path) -> None: ...
+
+    async def remove_lora(self, lora_int_id: int) -> None: ...
+
+
+class Fetcher(Protocol):
+    async def fetch(
+        self,
+        spec: merge_pb2.MergeSpec,
+        writer: AdapterWriter,
+        *,
+        deadline: float,
+        field_namer: Callable[[str], str] = ...,
+    ) -> Fetched: ...
+
+
+@dataclass
+class Entry:
+    """One adapter registered with vLLM."""
+
+    name: str
+    merge_key: str
+    lora_int_id: int
+    path: Path
+    rank: int
+    bytes: int
+    base_model: str
+    description: str
+    loaded_at: float = field(default_factory=time.time)
+    last_used_at: float = field(default_factory=time.time)
+    requests: int = 0
+    leases: int = 0  # requests running with it; it is not removed while > 0
+    removed: bool = False  # unregistered; files and vLLM slot go when the last lease ends
+
+
+@dataclass(frozen=True)
+class Usage:
+    """How a request got its adapter (reported back in the response)."""
+
+    entry: Entry
+    already_loaded: bool
+    merge_cache_hit: bool = False
+    merge_ms: float = 0.0
+    transfer_ms: float = 0.0
+    load_ms: float = 0.0
+
+
+class Lease:
+    """Holds an entry while a request generates with it (``async with registry.for_spec(...) as usage``)."""
+
+    def __init__(self, registry: AdapterRegistry, usage: Usage) -> None:
+        self._registry = registry
+        self.usage = usage
+
+    async def __aenter__(self) -> Usage:
+        return self.usage
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._registry._release(self.usage.entry)
+
+
+class AdapterRegistry:
+    def __init__(
+        self,
+        engine: LoraEngine,
+        fetcher: Fetcher,
+        *,
+        adapter_dir: Path,
+        limits: AdapterLimits,
+        max_loaded: int,
+        spec_cache_entries: int = 4096,
+        default_timeout: float = 120.0,
+        metrics: InferenceMetrics | None = None,
+    ) -> None:
+        if max_loaded < 1:
+            raise InvalidArgument(
+                f"max_loaded_adapters must be >= 1, got {max_loaded}", field="max_loaded_adapters"
+            )
+        self.engine = engine
+        self.fetcher = fetcher
+        self.adapter_dir = adapter_dir
+        self.limits = limits
+        self.max_loaded = max_loaded
+        self.default_timeout = default_timeout
+        self.metrics = metrics
+        self._by_key: OrderedDict[str, Entry] = OrderedDict()  # least recently used first
+        self._specs: OrderedDict[str, str] = OrderedDict()  # spec fingerprint -> merge key
+        self._spec_cache_entries = spec_cache_entries
+        self._inflight: dict[str, asyncio.Task[Usage]] = {}
+        self._ids = itertools.count(ZERO_ADAPTER_ID + 1)
+        self._lock = asyncio.Lock()
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- lookups -----------------------------------------------------------------------------
+
+    def entries(self) -> list[Entry]:
+        return list(self._by_key.values())
+
+    def get(self, merge_key: str = "", name: str = "") -> Entry | None:
+        if merge_key:
+            return self._by_key.get(merge_key)
+        return next((e for e in self._by_key.values() if e.name == name), None)
+
+    def for_key(self, merge_key: str) -> Lease:
+        """A loaded adapter by merge key; NotFound when it is not loaded."""
+        entry = self._by_key.get(merge_key)
+        if entry is None:
+            raise NotFound(
+                f"merge_key {merge_key!r} is not loaded (push it with LoadAdapter or request it by spec)",
+                field="merge_key",
+            )
+        self._count("loaded")
+        return self._lease(Usage(entry, already_loaded=True))
+
+    async def for_spec(
+        self,
+        spec: merge_pb2.MergeSpec,
+        *,
+        deadline: float | None = None,
+        field_namer: Callable[[str], str] = merged_spec_field,
+    ) -> Lease:
+        """The adapter for ``spec``: loaded already, or fetched from the merge service and registered.
+
+        ``deadline`` (time.monotonic()) bounds the fetch, retries included.
+        """
+        spec = normalize_spec(spec, self.limits.max_rank)
+        fingerprint = spec_fingerprint(spec)
+        deadline = deadline if deadline is not None else time.monotonic() + self.default_timeout
+        for _ in range(3):  # an entry can be evicted between its fetch finishing and our lease
+            key = self._specs.get(fingerprint)
+            entry = self._by_key.get(key) if key else None
+            if entry is not None:
+                self._specs.move_to_end(fingerprint)
+                self._count("loaded")
+                return self._lease(Usage(entry, already_loaded=True))
+            task = self._inflight.get(fingerprint)
+            if task is None:
+                task = asyncio.get_running_loop().create_task(
+                    self._fetch_and_register(spec, fingerprint, deadline, field_namer)
+                )
+                self._inflight[fingerprint] = task
+                task.add_done_callback(lambda _t, fp=fingerprint: self._inflight.pop(fp, None))
+                self._count("fetched")
+            else:
+                self._count("joined")
+            # Shielded: one caller going away must not cancel the fetch the others wait for.
+            usage = await asyncio.shield(task)
+            if not usage.entry.removed:
+                return self._lease(usage)
+        raise LoramergeError(f"adapter for {describe_spec(spec)} was evicted repeatedly while loading")
+
+    async def load_pushed(self, chunks: AsyncIterator[merge_pb2.MergeChunk]) -> Usage:
+        """Register an adapter pushed in the Merge chunk format (``LoadAdapter``)."""
+        lora_int_id = next(self._ids)
+        writer = AdapterWriter(self.adapter_dir / f"{lora_int_id:08d}-{uuid.uuid4().hex[:8]}", self.limits)
+        try:
+            received = await receive(chunks, writer)
+        except BaseException:
+            writer.discard()
+            raise
+        key = received.header.merge_key or f"sha256:{received.header.sha256}"
+        return await self._register(received, key, lora_int_id, "pushed adapter", via="push")
+
+    async def unload(self, merge_key: str = "", name: str = "") -> bool:
+        """Unregister by merge key or name; the files and vLLM slot go once no request holds it."""
+        async with self._lock:
+            entry = self.get(merge_key, name)
+            if entry is None:
+                return False
+            await self._remove(entry, reason="request")
+            return True
+
+    async def close(self) -> None:
+        """Cancel fetches in flight and remove every adapter folder (the engine is going away)."""
+        for task in list(self._inflight.values()):
+            task.cancel()
+        for entry in list(self._by_key.values()):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        self._by_key.clear()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _lease(self, usage: Usage) -> Lease:
+        entry = usage.entry
+        entry.leases += 1
+        entry.requests += 1
+        entry.last_used_at = time.time()
+        if not entry.removed:
+            self._by_key.move_to_end(entry.merge_key)
+        return Lease(self, usage)
+
+    async def _release(self, entry: Entry) -> None:
+        entry.leases -= 1
+        if entry.removed and entry.leases == 0:
+            await self._drop(entry)
+
+    async def _fetch_and_register(
+        self, spec: merge_pb2.MergeSpec, fingerprint: str, deadline: float, field_namer: Callable[[str], str]
+    ) -> Usage:
+        lora_int_id = next(self._ids)
+        writer = AdapterWriter(self.adapter_dir / f"{lora_int_id:08d}-{uuid.uuid4().hex[:8]}", self.limits)
+        try:
+            fetched = await self.fetcher.fetch(spec, writer, deadline=deadline, field_namer=field_namer)
+        except BaseException as e:
+            writer.discard()
+            if self.metrics:
+                outcome = e.code.name if isinstance(e, LoramergeError) else type(e).__name__
+                self.metrics.merge_calls.labels(outcome=outcome).inc()
+            raise
+        if self.metrics:
+            self.metrics.merge_calls.labels(outcome="OK").inc()
+            self.metrics.fetch_seconds.labels(phase="merge").observe(fetched.received.header_ms / 1e3)
+            self.metrics.fetch_seconds.labels(phase="transfer").observe(fetched.received.transfer_ms / 1e3)
+        received = fetched.received
+        key = received.header.merge_key
+        if not key:
+            writer.discard()
+            raise InvalidArgument(
+                "the merge service sent a header without a merge_key", field="header.merge_key"
+            )
+        self._specs[fingerprint] = key
+        while len(self._specs) > self._spec_cache_entries:
+            self._specs.popitem(last=False)
+        usage = await self._register(received, key, lora_int_id, describe_spec(spec), via="merge")
+        return Usage(
+            usage.entry,
+            already_loaded=usage.already_loaded,
+            merge_cache_hit=received.header.cache_hit,
+            merge_ms=received.header_ms,
+            transfer_ms=received.transfer_ms,
+            load_ms=usage.load_ms,
+        )
+
+    async def _register(
+        self, received: Received, key: str, lora_int_id: int, description: str, via: str
+    ) -> Usage:
+        """add_lora the received folder under a new name and id, making room first (LRU)."""
+        async with self._lock:
+            existing = self._by_key.get(key)
+            if existing is not None:  # another spelling of the same merge got here first
+                shutil.rmtree(received.directory, ignore_errors=True)
+                return Usage(existing, already_loaded=True)
+            await self._make_room()
+            name = f"{key.removeprefix('sha256:')[:16]}-{lora_int_id}"
+            t0 = time.perf_counter()
+            try:
+                await self.engine.add_lora(name, lora_int_id, received.directory)
+            except BaseException:
+                shutil.rmtree(received.directory, ignore_errors=True)
+                if self.metrics:
+                    self.metrics.adapter_loads.labels(via=via, outcome="rejected").inc()
+                raise
+            load_ms = (time.perf_counter() - t0) * 1e3
+            entry = Entry(
+                name=name,
+                merge_key=key,
+                lora_int_id=lora_int_id,
+                path=received.directory,
+                rank=received.header.rank or adapter_rank(received.config),
+                bytes=received.bytes,
+                base_model=received.header.base_model
+                or str(received.config.get("base_model_name_or_path", "")),
+                description=description,
+            )
+            self._by_key[key] = entry
+            self._update_gauges()
+        if self.metrics:
+            self.metrics.adapter_loads.labels(via=via, outcome="ok").inc()
+            self.metrics.fetch_seconds.labels(phase="load").observe(load_ms / 1e3)
+        log.info(
+            "adapter loaded",
+            extra={
+                "adapter": name,
+                "merge_key": key,
+                "lora_int_id": lora_int_id,
+                "via": via,
+                "load_ms": load_ms,
+            },
+        )
+        return Usage(entry, already_loaded=False, load_ms=load_ms)
+
+    async def _make_room(self) -> None:
+        """Evict least recently used adapters no request holds until one more fits. Adapters in use
+        are never evicted; if all are in use the bound is exceeded until they are released."""
+        while len(self._by_key) >= self.max_loaded:
+            victim = next((e for e in self._by_key.values() if e.leases == 0), None)
+            if victim is None:
+                log.warning("all %d loaded adapters are in use; going over the bound", len(self._by_key))
+                return
+            await self._remove(victim, reason="lru")
+
+    async def _remove(self, entry: Entry, reason: str) -> None:
+        self._by_key.pop(entry.merge_key, None)
+        entry.removed = True
+        if self.metrics:
+            self.metrics.evictions.labels(reason=reason).inc()
+        if entry.leases == 0:
+            await self._drop(entry)
+        self._update_gauges()
+
+    async def _drop(self, entry: Entry) -> None:
+        await self.engine.remove_lora(entry.lora_int_id)
+        shutil.rmtree(entry.path, ignore_errors=True)
+        log.info("adapter unloaded", extra={"adapter": entry.name, "merge_key": entry.merge_key})
+
+    def _update_gauges(self) -> None:
+        if self.metrics:
+            self.metrics.loaded.set(len(self._by_key))
+            self.metrics.loaded_bytes.set(sum(e.bytes for e in self._by_key.values()))
+
+    def _count(self, result: str) -> None:
+        if self.metrics:
+            self.metrics.adapter_lookups.labels(result=result).inc()

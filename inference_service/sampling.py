@@ -1,0 +1,71 @@
+"""Request sampling parameters (protobuf, zero meaning "default") -> vLLM SamplingParams."""
+
+from __future__ import annotations
+
+import math
+
+from loramerge.v1 import inference_pb2
+
+from loramerge_common.errors import InvalidArgument
+
+DEFAULT_MAX_TOKENS = 16
+MAX_STOP_STRINGS = 16
+
+
+def _check(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise InvalidArgument(f"sampling.{field} {message}", field=f"sampling.{field}")
+
+
+def validate(s: inference_pb2.SamplingParams, max_model_len: int) -> None:
+    """Reject out-of-range values with a message naming the field and the value."""
+    for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        value = getattr(s, name)
+        _check(math.isfinite(value), name, f"must be a finite number, got {value}")
+    _check(s.temperature >= 0, "temperature", f"must be >= 0, got {s.temperature:g}")
+    _check(0 <= s.top_p <= 1, "top_p", f"must be in (0, 1] (0 means 1), got {s.top_p:g}")
+    _check(
+        s.repetition_penalty >= 0,
+        "repetition_penalty",
+        f"must be > 0 (0 means 1), got {s.repetition_penalty:g}",
+    )
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(s, name)
+        _check(-2 <= value <= 2, name, f"must be in [-2, 2], got {value:g}")
+    _check(
+        s.max_tokens <= max_model_len,
+        "max_tokens",
+        f"must be <= the engine's max_model_len {max_model_len}, got {s.max_tokens}",
+    )
+    max_tokens = s.max_tokens or DEFAULT_MAX_TOKENS
+    _check(
+        s.min_tokens <= max_tokens, "min_tokens", f"must be <= max_tokens {max_tokens}, got {s.min_tokens}"
+    )
+    _check(
+        len(s.stop) <= MAX_STOP_STRINGS,
+        "stop",
+        f"may hold at most {MAX_STOP_STRINGS} strings, got {len(s.stop)}",
+    )
+    _check(all(s.stop), "stop", "must not contain empty strings")
+
+
+def to_vllm(s: inference_pb2.SamplingParams, max_model_len: int, *, streaming: bool = True):
+    """vLLM SamplingParams; outputs come as deltas (each RequestOutput holds only the new tokens)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    validate(s, max_model_len)
+    return SamplingParams(
+        max_tokens=s.max_tokens or DEFAULT_MAX_TOKENS,
+        temperature=s.temperature,
+        top_p=s.top_p or 1.0,
+        top_k=s.top_k,
+        seed=s.seed if s.HasField("seed") else None,
+        stop=list(s.stop) or None,
+        repetition_penalty=s.repetition_penalty or 1.0,
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        min_tokens=s.min_tokens,
+        ignore_eos=s.ignore_eos,
+        output_kind=RequestOutputKind.DELTA if streaming else RequestOutputKind.FINAL_ONLY,
+    )

@@ -1,0 +1,146 @@
+"""Assemble the inference service: gRPC server first (health NOT_SERVING), then the engine.
+
+The gRPC port answers while vLLM starts (health says NOT_SERVING and calls get UNAVAILABLE), so
+probes and clients see a live process rather than a refused connection. Once the engine is up,
+health turns SERVING; a watchdog turns it NOT_SERVING again if the engine dies. On SIGTERM the
+server drains, then the engine shuts down and the adapter folder is removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from loramerge.v1 import inference_pb2, inference_pb2_grpc
+from prometheus_client import CollectorRegistry
+
+from inference_service.engine import Engine
+from inference_service.merge_client import MergeClient
+from inference_service.metrics import InferenceMetrics
+from inference_service.receiver import AdapterLimits
+from inference_service.registry import AdapterRegistry
+from inference_service.servicer import InferenceServicer
+from inference_service.settings import InferenceSettings
+from loramerge_common.metrics import RpcMetrics
+from loramerge_common.server import GrpcServer, Service
+from loramerge_common.shutdown import install_stop_signals, remove_stop_signals
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+WATCHDOG_SECONDS = 5.0
+
+
+def run_directory(adapter_dir: Path) -> Path:
+    """This process's own folder under adapter_dir; folders of processes that are gone are removed."""
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    for old in adapter_dir.glob("run-*"):
+        try:
+            pid = int(old.name.split("-")[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(old, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            continue
+    return adapter_dir / f"run-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+async def _watchdog(engine: Engine, server: GrpcServer) -> None:
+    while True:
+        await asyncio.sleep(WATCHDOG_SECONDS)
+        if not engine.healthy:
+            log.error("the vLLM engine has died: health is NOT_SERVING")
+            await server.health.set_serving(False)
+            return
+
+
+async def serve(settings: InferenceSettings, stop_event: asyncio.Event | None = None) -> None:
+    """Run the service until SIGTERM/SIGINT (or ``stop_event``), then drain and clean up."""
+    stop_event = stop_event or asyncio.Event()
+    installed = install_stop_signals(stop_event)
+    registry = CollectorRegistry()
+    rpc_metrics = RpcMetrics(registry)
+    metrics = InferenceMetrics(registry)
+    servicer = InferenceServicer(
+        metrics=metrics, rpc_metrics=rpc_metrics, merge_timeout_seconds=settings.merge_timeout_seconds
+    )
+    server = GrpcServer(
+        settings,
+        [Service(SERVICE_NAME, servicer, inference_pb2_grpc.add_InferenceServiceServicer_to_server)],
+        registry=registry,
+        rpc_metrics=rpc_metrics,
+        serving_at_start=False,
+    )
+    work_dir = run_directory(settings.adapter_dir)
+    engine: Engine | None = None
+    adapters: AdapterRegistry | None = None
+    merge_client: MergeClient | None = None
+    watchdog: asyncio.Task | None = None
+    try:
+        await server.start()
+        engine_task = asyncio.ensure_future(Engine.start(settings, work_dir))
+        stop_task = asyncio.ensure_future(stop_event.wait())
+        await asyncio.wait({engine_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        if not engine_task.done():  # stopped while the engine was starting
+            engine_task.cancel()
+            return
+        stop_task.cancel()
+        engine = engine_task.result()
+        merge_client = MergeClient(
+            settings, on_retry=lambda code: metrics.merge_retries.labels(code=code).inc()
+        )
+        adapters = AdapterRegistry(
+            engine,
+            merge_client,
+            adapter_dir=work_dir,
+            limits=AdapterLimits(
+                base_model=engine.info.model_name,
+                max_rank=engine.info.max_lora_rank,
+                max_bytes=settings.max_adapter_bytes,
+            ),
+            max_loaded=settings.loaded_bound(engine.reserved_lora_slots),
+            spec_cache_entries=settings.spec_cache_entries,
+            default_timeout=settings.merge_timeout_seconds,
+            metrics=metrics,
+        )
+        servicer.attach(engine, adapters)
+        await server.health.set_serving(True)
+        watchdog = asyncio.ensure_future(_watchdog(engine, server))
+        log.info("inference service ready", extra={"address": server.address, "model": engine.info.model})
+        if settings.ready_file is not None:
+            write_ready_file(settings.ready_file, server)
+        await stop_event.wait()
+    finally:
+        remove_stop_signals(installed)
+        if watchdog is not None:
+            watchdog.cancel()
+        await server.stop()
+        if adapters is not None:
+            await adapters.close()
+        if merge_client is not None:
+            await merge_client.close()
+        if engine is not None:
+            engine.shutdown()
+        shutil.rmtree(work_dir, ignore_errors=True)
+        if settings.ready_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                settings.ready_file.unlink()
+
+
+def write_ready_file(path: Path, server: GrpcServer) -> None:
+    """Atomically write where the service listens (a reader never sees a partial file)."""
+    info = {
+        "address": server.address,
+        "port": server.port,
+        "metrics_port": server.metrics_port,
+        "pid": os.getpid(),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(info))
+    tmp.replace(path)
