@@ -3,21 +3,26 @@
 An adapter id ``s3://bucket/prefix`` names the two objects ``prefix/adapter_config.json`` and
 ``prefix/adapter_model.safetensors``; nothing else under the prefix is read. Credentials come from
 boto3's standard chain (environment, shared config/credentials files and profiles, web identity /
-pod role, instance role); the service never sees them, and no message or log line carries them.
+pod role, instance role), read by boto3 alone: no message or log line of ours carries them.
 
-Identity: the content digest is sha256 over the bucket, both keys and both objects' ETags, so the
-merge key follows the objects' content: overwriting an object with new bytes changes it, reading it
-again does not. The revision reported to callers is the objects' version ids when the bucket is
-versioned (else their ETags); a request may pin that revision, which fetches those exact versions
-from a versioned bucket and fails with NOT_FOUND when an unversioned object has moved on.
+Identity: the content digest is the local source's (sha256 over both files' sha256), so the same
+bytes give the same merge key whether they come from S3 or from disk, and overwriting an object with
+new bytes changes it while re-reading it does not. The objects' ETags name the downloaded version:
+the download cache holds one directory per (bucket, keys, ETags) with the digest computed while
+downloading, so resolving an adapter the cache holds costs two HEAD requests and no GET. The revision
+reported to callers is the objects' version ids when the bucket is versioned (else their ETags); a
+request may pin that revision, which fetches those exact versions from a versioned bucket and fails
+with NOT_FOUND when an unversioned object has moved on.
 
-Downloads land in a local cache: one directory per (bucket, prefix, ETags), written to a temporary
-name and renamed into place, bounded in bytes by evicting the least recently used directories
-(mtime is touched on every hit). Resolving an adapter the cache holds costs two HEAD requests.
+The cache directory is bounded in bytes: least recently used entries (by directory mtime, touched on
+every hit) are deleted, except those used in the last ``min_entry_age_s`` (a merge may be about to
+read them). Entries are written under a temporary name and renamed into place, so a failed or
+interrupted download leaves nothing that looks complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -53,7 +58,7 @@ FIELD = "adapter"  # SourceResolver re-attributes errors to the request field th
 GiB = 1024**3
 MAX_CONFIG_BYTES = 1024**2
 _CHUNK = 1024**2
-_META_FILE = ".s3-meta.json"
+META_FILE = ".s3-meta.json"  # where an entry came from, and its content digest
 _TMP_PREFIX = ".tmp-"
 _STALE_STAGING_S = 3600.0
 # S3 bucket naming rules (3-63 chars, lower case, digits, dots, hyphens; starts/ends alphanumeric).
@@ -150,13 +155,21 @@ def parse_s3_uri(uri: str) -> S3Location:
     return S3Location(bucket, prefix)
 
 
-def content_digest(loc: S3Location, config: ObjectVersion, weights: ObjectVersion) -> str:
-    """ "sha256:" + sha256 over "s3", bucket, both keys and both ETags (NUL separated)."""
+def version_key(loc: S3Location, config: ObjectVersion, weights: ObjectVersion) -> str:
+    """Names one version of an adapter in the download cache: sha256 over bucket, both keys and both
+    ETags (NUL separated). ETags follow content, so re-uploading the same bytes keeps the key."""
     h = hashlib.sha256()
     for part in ("s3", loc.bucket, config.key, config.etag, weights.key, weights.etag):
         h.update(part.encode())
         h.update(b"\0")
-    return "sha256:" + h.hexdigest()
+    return h.hexdigest()
+
+
+def content_digest(config_sha256: str, weights_sha256: str) -> str:
+    """The content digest, "sha256:" + sha256 of "<config name> <hex>\n<weights name> <hex>\n": the
+    local source's formula, so the same bytes give the same digest (and merge key) from S3 or disk."""
+    combined = f"{CONFIG_FILE} {config_sha256}\n{WEIGHTS_FILE} {weights_sha256}\n"
+    return "sha256:" + hashlib.sha256(combined.encode()).hexdigest()
 
 
 def format_revision(config: ObjectVersion, weights: ObjectVersion) -> str:
@@ -198,10 +211,9 @@ class S3Source:
     def resolve(self, ref: AdapterRef) -> ResolvedSource:
         loc = parse_s3_uri(ref.id.strip())
         config, weights = self._head_pair(loc, ref.revision.strip())
-        digest = content_digest(loc, config, weights)
-        path = self.cache.lookup(digest)
-        if path is None:
-            path = self._download(loc, config, weights, digest)
+        entry = version_key(loc, config, weights)
+        hit = self.cache.lookup(entry)
+        path, digest = hit if hit else self._download(loc, config, weights, entry)
         return ResolvedSource(
             id=loc.uri,
             kind=SourceKind.S3,
@@ -296,39 +308,46 @@ class S3Source:
                 field=FIELD,
             )
 
-    def _download(self, loc: S3Location, config: ObjectVersion, weights: ObjectVersion, digest: str) -> Path:
+    def _download(
+        self, loc: S3Location, config: ObjectVersion, weights: ObjectVersion, entry: str
+    ) -> tuple[Path, str]:
         started = time.monotonic()
         with self.cache.staging() as tmp:
-            for name, obj in ((CONFIG_FILE, config), (WEIGHTS_FILE, weights)):
-                self._get(loc, name, obj, tmp / name)
+            digest = content_digest(
+                self._get(loc, CONFIG_FILE, config, tmp / CONFIG_FILE),
+                self._get(loc, WEIGHTS_FILE, weights, tmp / WEIGHTS_FILE),
+            )
             meta = {
                 "uri": loc.uri,
+                "digest": digest,
                 "config": {"key": config.key, "etag": config.etag, "version_id": config.version_id},
                 "weights": {"key": weights.key, "etag": weights.etag, "version_id": weights.version_id},
             }
-            (tmp / _META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-            path = self.cache.commit(tmp, digest)
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            path, digest = self.cache.commit(tmp, entry)
         log.info(
             "downloaded %s (%d bytes) in %.2fs",
             loc.uri,
             config.size + weights.size,
             time.monotonic() - started,
         )
-        return path
+        return path, digest
 
-    def _get(self, loc: S3Location, name: str, obj: ObjectVersion, dest: Path) -> None:
-        """Stream one object to ``dest``, pinned to the version or ETag seen by HEAD."""
+    def _get(self, loc: S3Location, name: str, obj: ObjectVersion, dest: Path) -> str:
+        """Stream one object to ``dest``, pinned to the version or ETag seen by HEAD; its sha256 (hex)."""
         kwargs: dict[str, Any] = {"Bucket": loc.bucket, "Key": obj.key}
         if obj.version_id:
             kwargs["VersionId"] = obj.version_id
         else:
             kwargs["IfMatch"] = f'"{obj.etag}"'
         written = 0
+        sha = hashlib.sha256()
         try:
             body = self._client().get_object(**kwargs)["Body"]
             with open(dest, "wb") as f:
                 for chunk in body.iter_chunks(_CHUNK):
                     f.write(chunk)
+                    sha.update(chunk)
                     written += len(chunk)
         except LoramergeError:
             raise
@@ -340,6 +359,7 @@ class S3Source:
                 f"expected {obj.size}; retry the request",
                 field=FIELD,
             )
+        return sha.hexdigest()
 
     # -- errors -------------------------------------------------------------------------------
     def _translate(
@@ -427,10 +447,11 @@ class S3Source:
 
 
 class DownloadCache:
-    """Downloaded adapters on local disk, one directory per content digest, LRU-bounded in bytes.
+    """Downloaded adapters on local disk, one directory per adapter version, LRU-bounded in bytes.
 
-    Entries are complete or absent: files are written into a staging directory inside the cache
-    root and renamed into place. ``mtime`` of an entry's directory records its last use.
+    An entry holds the two adapter files and META_FILE (origin and content digest). Entries are
+    complete or absent: they are written into a staging directory inside the cache root and renamed
+    into place. The ``mtime`` of an entry's directory records its last use.
     """
 
     def __init__(self, root: Path, max_bytes: int, *, min_age_s: float = 300.0) -> None:
@@ -439,35 +460,34 @@ class DownloadCache:
         self.min_age_s = min_age_s
         self._lock = threading.Lock()
 
-    def _entry(self, digest: str) -> Path:
-        return self.root / digest.removeprefix("sha256:")
-
-    def lookup(self, digest: str) -> Path | None:
-        path = self._entry(digest)
-        if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
-            try:
-                os.utime(path)
-            except FileNotFoundError:  # evicted by another process just now
+    def lookup(self, entry: str) -> tuple[Path, str] | None:
+        """(directory, content digest) of a complete entry, marked as just used; None on a miss."""
+        path = self.root / entry
+        try:
+            digest = json.loads((path / META_FILE).read_text())["digest"]
+            if not ((path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()):
                 return None
-            return path
-        return None
+            os.utime(path)
+        except (OSError, ValueError, KeyError, TypeError):  # absent, evicted meanwhile, or unreadable
+            return None
+        return path, str(digest)
 
     def staging(self) -> _Staging:
         self.root.mkdir(parents=True, exist_ok=True)
         return _Staging(self.root / f"{_TMP_PREFIX}{uuid.uuid4().hex}")
 
-    def commit(self, tmp: Path, digest: str) -> Path:
+    def commit(self, tmp: Path, entry: str) -> tuple[Path, str]:
         """Move a complete staging directory into place (or keep the copy that won a race)."""
-        path = self._entry(digest)
-        try:
+        path = self.root / entry
+        if path.exists() and self.lookup(entry) is None:
+            self._remove(path)  # a damaged entry (e.g. its metadata lost): replace it
+        with contextlib.suppress(OSError):  # on failure another download of this version got there first
             os.rename(tmp, path)
-        except OSError:
-            if not self.lookup(digest):
-                raise
-        else:
-            os.utime(path)
+        hit = self.lookup(entry)
+        if hit is None:
+            raise Internal(f"the S3 download cache could not store {entry} under {self.root}")
         self.evict(keep=path)
-        return path
+        return hit
 
     def entries(self) -> list[tuple[Path, int, float]]:
         """(path, bytes, last use) of each complete entry, least recently used first."""
@@ -501,18 +521,23 @@ class DownloadCache:
                     break
                 if path == keep or now - used < self.min_age_s:
                     continue
-                # Rename first so that a reader never sees a half-deleted entry as complete.
-                doomed = self.root / f"{_TMP_PREFIX}evict-{uuid.uuid4().hex}"
-                try:
-                    os.rename(path, doomed)
-                except OSError:
+                if not self._remove(path):
                     continue
-                shutil.rmtree(doomed, ignore_errors=True)
                 total -= size
                 removed.append(path)
         for path in removed:
             log.info("evicted %s from the S3 download cache", path.name)
         return removed
+
+    def _remove(self, path: Path) -> bool:
+        """Delete an entry; renamed away first so that no reader sees it half deleted."""
+        doomed = self.root / f"{_TMP_PREFIX}evict-{uuid.uuid4().hex}"
+        try:
+            os.rename(path, doomed)
+        except OSError:
+            return False
+        shutil.rmtree(doomed, ignore_errors=True)
+        return True
 
     def _sweep_staging(self, now: float) -> None:
         """Remove staging directories left behind by a process that died mid-download."""

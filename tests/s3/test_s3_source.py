@@ -20,7 +20,8 @@ from loramerge_common.errors import (
     Unavailable,
 )
 from merge_service.sources.base import CONFIG_FILE, WEIGHTS_FILE
-from merge_service.sources.s3 import S3Settings, S3Source, parse_s3_uri, redact_url
+from merge_service.sources.local import LocalSource
+from merge_service.sources.s3 import META_FILE, S3Settings, S3Source, parse_s3_uri, redact_url
 from merge_service.spec import AdapterRef, SourceKind
 from tests.factories import make_adapter
 from tests.s3.conftest import PRIVATE_BUCKET, PUBLIC_BUCKET, REGION, VERSIONED_BUCKET, Keys, S3Server
@@ -84,6 +85,11 @@ def test_resolve_downloads_the_two_files(
         WEIGHTS_FILE,
     ]
     assert calls == ["HeadObject", "HeadObject", "GetObject", "GetObject"]
+    # The digest is the content's: the same as the local source gives for the same two files.
+    assert resolved.digest == LocalSource(adapter_root).resolve(AdapterRef("a")).digest
+    assert resolved.nbytes == sum(
+        (adapter_root / "a" / n).stat().st_size for n in (CONFIG_FILE, WEIGHTS_FILE)
+    )
     # Unversioned bucket: the revision is the two ETags (S3's MD5 of single-part uploads).
     head = s3_server.client().head_object(Bucket=PUBLIC_BUCKET, Key=f"team/a/{WEIGHTS_FILE}")
     assert resolved.revision.split(",")[1] == head["ETag"].strip('"')
@@ -98,6 +104,11 @@ def test_resolve_downloads_the_two_files(
     other_calls = _record_calls(other)
     assert other.resolve(AdapterRef(uploaded["a"])).path == resolved.path
     assert other_calls == ["HeadObject", "HeadObject"]
+    # A damaged entry (its metadata lost) is downloaded again, not trusted.
+    (resolved.path / META_FILE).unlink()
+    other_calls.clear()
+    assert other.resolve(AdapterRef(uploaded["a"])) == resolved
+    assert other_calls == ["HeadObject", "HeadObject", "GetObject", "GetObject"]
 
 
 def test_digest_follows_content(s3_server: S3Server, adapter_root: Path, tmp_path: Path) -> None:
@@ -107,7 +118,7 @@ def test_digest_follows_content(s3_server: S3Server, adapter_root: Path, tmp_pat
     first = source.resolve(ref)
     # Re-uploading identical bytes: same ETags, same digest, same cache entry.
     s3_server.upload_adapter(adapter_root / "a", PUBLIC_BUCKET, "moving/x")
-    assert source.resolve(ref).digest == first.digest
+    assert source.resolve(ref) == first
     # New weights under the same key: a new digest and the new bytes.
     s3_server.client().upload_file(
         str(adapter_root / "e" / WEIGHTS_FILE), PUBLIC_BUCKET, f"moving/x/{WEIGHTS_FILE}"
