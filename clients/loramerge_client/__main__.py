@@ -1,0 +1,7 @@
+"""``python -m loramerge_client`` = the ``loramerge`` command."""
+
+import sys
+
+from loramerge_client.cli import main
+
+sys.exit(main())
