@@ -75,7 +75,22 @@ class FakeMerge(Scripted, merge_pb2_grpc.MergeServiceServicer):
     @rpc_method
     async def Plan(self, request: merge_pb2.MergeRequest, context: grpc.aio.ServicerContext):
         await self._enter(request, context)
-        return merge_pb2.PlanResponse(merge_key="key-1", rank=4, cached=False, effective_spec=request.spec)
+        ids = [a.id for a in request.spec.adapters] or list(request.spec.ids)
+        resolved = [
+            merge_pb2.ResolvedAdapter(
+                id=i, source=merge_pb2.LOCAL, digest="d" * 64, weight=1.0, rank=4, alpha=8, base_model="tiny"
+            )
+            for i in ids
+        ]
+        return merge_pb2.PlanResponse(
+            merge_key="key-1",
+            rank=4,
+            cached=False,
+            estimated_bytes=len(WEIGHTS),
+            adapters=resolved,
+            base_model="tiny",
+            effective_spec=request.spec,
+        )
 
     @rpc_method
     async def Merge(
