@@ -1,15 +1,15 @@
 """Where adapters come from: one ``Source`` per ``SourceKind``, chosen by ``SourceResolver``.
 
 AUTO picks the source from the id: ``s3://...`` → S3; an entry under the adapter root (or an id that
-could only be a path: absolute or with "..", so that it is refused as one) → LOCAL; anything else →
-HUB. A local directory therefore wins over a hub repo of the same name. Sources are kept in a dict
+could only be a path: absolute, "~...", or with "..", so that it is refused as one) → LOCAL; anything
+else → HUB. A local directory therefore wins over a hub repo of the same name. Sources are kept in a dict
 keyed by kind, so the S3 source is one ``register`` call.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from loramerge_common.errors import FailedPrecondition, InvalidArgument, LoramergeError
 from merge_service.sources.base import CONFIG_FILE, WEIGHTS_FILE, ResolvedSource, Source, check_size
@@ -58,10 +58,8 @@ class SourceResolver:
         if aid.startswith("s3://"):
             return SourceKind.S3
         local = self._sources.get(SourceKind.LOCAL)
-        if isinstance(local, LocalSource):
-            rel = PurePosixPath(aid)
-            if rel.is_absolute() or ".." in rel.parts or local.exists(aid):
-                return SourceKind.LOCAL
+        if isinstance(local, LocalSource) and (local.is_path_like(aid) or local.exists(aid)):
+            return SourceKind.LOCAL
         return SourceKind.HUB
 
     def resolve(self, ref: AdapterRef, field: str = "adapter") -> ResolvedSource:

@@ -100,6 +100,12 @@ class LocalSource:
             raise InvalidArgument(f"adapter {adapter_id!r} names the adapter root itself", field="adapter")
         return rel
 
+    @staticmethod
+    def is_path_like(adapter_id: str) -> bool:
+        """Ids that can only be meant as paths (absolute, home-relative, climbing with "..")."""
+        rel = PurePosixPath(adapter_id)
+        return rel.is_absolute() or adapter_id.startswith("~") or ".." in rel.parts
+
     def exists(self, adapter_id: str) -> bool:
         """Whether the id names an entry (even a dangling symlink) under the root; for AUTO detection."""
         try:
