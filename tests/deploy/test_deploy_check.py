@@ -167,7 +167,7 @@ def deploy_copy(tmp_path: Path) -> Path:
 
 def test_overlays_exist() -> None:
     assert {"cpu", "gpu"} <= set(OVERLAYS)
-    assert {"s3", "s3-irsa", "merge-cache-pvc"} <= set(COMPONENTS)
+    assert {"s3", "s3-irsa", "merge-cache-pvc", "auth"} <= set(COMPONENTS)
 
 
 def test_check_passes_on_the_real_manifests() -> None:
@@ -495,6 +495,32 @@ def test_s3_component_gives_credentials_to_the_merge_service_only(rendered: dict
 
         plain = rendered[overlay]
         assert "eks.amazonaws.com/role-arn" not in yaml.safe_dump_all(plain)
+
+
+def _secret_behind(spec: Doc, container: Doc, path: str) -> tuple[str, str]:
+    """(Secret name, key) of a file path on a mounted Secret volume."""
+    mount = next(m for m in container["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/"))
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    assert mount.get("readOnly") is True
+    assert volume["secret"].get("optional") is not True  # fail closed: no token file, no pod
+    return volume["secret"]["secretName"], path[len(mount["mountPath"].rstrip("/")) + 1 :]
+
+
+def test_auth_component_shares_the_merge_token_between_server_and_client(
+    rendered: dict[str, list[Doc]],
+) -> None:
+    for overlay in OVERLAYS:
+        docs = rendered[f"{overlay}+components"]
+        merge_spec = pod_spec(one(docs, "Deployment", "loramerge-merge"))
+        inf_spec = pod_spec(one(docs, "Deployment", "loramerge-inference"))
+        merge, inference = merge_spec["containers"][0], inf_spec["containers"][0]
+        server = _secret_behind(merge_spec, merge, config(docs, merge)["LORAMERGE_MERGE_AUTH_TOKEN_FILE"])
+        inf_env = config(docs, inference)
+        client = _secret_behind(inf_spec, inference, inf_env["LORAMERGE_INFERENCE_MERGE_AUTH_TOKEN_FILE"])
+        own = _secret_behind(inf_spec, inference, inf_env["LORAMERGE_INFERENCE_AUTH_TOKEN_FILE"])
+        assert server == client
+        assert own[0] != server[0]
+        assert "AUTH_TOKEN_FILE" not in yaml.safe_dump_all(rendered[overlay])
 
 
 def _declared_settings(module: str, prefix: str) -> set[str]:
