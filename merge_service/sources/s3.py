@@ -29,11 +29,10 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -88,6 +87,11 @@ _UNAVAILABLE_CODES = frozenset(
 )
 
 
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/loramerge/s3, else ~/.cache/loramerge/s3."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loramerge" / "s3"
+
+
 @dataclass(frozen=True)
 class S3Settings:
     """How the S3 source reaches the store and where it keeps downloads.
@@ -98,7 +102,8 @@ class S3Settings:
 
     endpoint_url: str | None = None
     region: str | None = None
-    cache_dir: Path = Path(tempfile.gettempdir()) / "loramerge-s3-cache"
+    # A per-user directory, not a shared temp one: whoever can write the cache chooses the adapters.
+    cache_dir: Path = field(default_factory=default_cache_dir)
     cache_bytes: int = 10 * GiB
     addressing_style: str = "auto"  # auto | path | virtual; MinIO and Ceph usually want "path"
     connect_timeout_s: float = 5.0
@@ -417,7 +422,8 @@ class S3Source:
         if code in _DENIED_CODES:
             return PermissionDenied(
                 f"{where}: access denied to {obj}; the merge service's AWS identity needs s3:GetObject "
-                "on it (check the IAM policy and the bucket policy)",
+                "on it (check the IAM and bucket policies; without s3:ListBucket, S3 also answers "
+                "'access denied' for an object that does not exist)",
                 field=FIELD,
             )
         if code in ("PreconditionFailed", "412"):
@@ -473,7 +479,7 @@ class DownloadCache:
         return path, str(digest)
 
     def staging(self) -> _Staging:
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         return _Staging(self.root / f"{_TMP_PREFIX}{uuid.uuid4().hex}")
 
     def commit(self, tmp: Path, entry: str) -> tuple[Path, str]:

@@ -31,7 +31,7 @@ server.stop()
 
 REGION = "us-east-1"
 PUBLIC_BUCKET = "adapters"  # the reader user may read it
-PRIVATE_BUCKET = "private-adapters"  # only the admin user may read it
+PRIVATE_BUCKET = "private-adapters"  # the reader user is denied by policy
 VERSIONED_BUCKET = "versioned-adapters"
 
 
@@ -52,7 +52,7 @@ class Keys:
 class S3Server:
     endpoint_url: str
     admin: Keys  # allowed everything
-    reader: Keys  # s3:GetObject/ListBucket on PUBLIC_BUCKET and VERSIONED_BUCKET only
+    reader: Keys  # may read any bucket but PRIVATE_BUCKET (an explicit Deny)
 
     def client(self, keys: Keys | None = None):
         return (keys or self.admin).session().client("s3", endpoint_url=self.endpoint_url)
@@ -63,11 +63,13 @@ class S3Server:
             client.upload_file(str(adapter_dir / name), bucket, f"{prefix}/{name}")
 
 
-def _policy(actions: list[str], resources: list[str]) -> str:
+def _policy(*statements: tuple[str, list[str], list[str]]) -> str:
     return json.dumps(
         {
             "Version": "2012-10-17",
-            "Statement": [{"Effect": "Allow", "Action": actions, "Resource": resources}],
+            "Statement": [
+                {"Effect": e, "Action": actions, "Resource": res} for e, actions, res in statements
+            ],
         }
     )
 
@@ -92,19 +94,11 @@ def s3_server() -> Iterator[S3Server]:
             s3.create_bucket(Bucket=bucket)
         s3.put_bucket_versioning(Bucket=VERSIONED_BUCKET, VersioningConfiguration={"Status": "Enabled"})
         users = {}
+        read = ["s3:GetObject", "s3:GetObjectVersion", "s3:ListBucket"]
+        private = [f"arn:aws:s3:::{PRIVATE_BUCKET}", f"arn:aws:s3:::{PRIVATE_BUCKET}/*"]
         for user, policy in (
-            ("admin", _policy(["*"], ["*"])),
-            (
-                "reader",
-                _policy(
-                    ["s3:GetObject", "s3:GetObjectVersion", "s3:ListBucket"],
-                    [
-                        f"arn:aws:s3:::{b}{suffix}"
-                        for b in (PUBLIC_BUCKET, VERSIONED_BUCKET)
-                        for suffix in ("", "/*")
-                    ],
-                ),
-            ),
+            ("admin", _policy(("Allow", ["*"], ["*"]))),
+            ("reader", _policy(("Allow", read, ["*"]), ("Deny", ["s3:*"], private))),
         ):
             iam.create_user(UserName=user)
             iam.put_user_policy(UserName=user, PolicyName=f"{user}-policy", PolicyDocument=policy)
