@@ -12,7 +12,8 @@ and async-generator methods (streaming responses)::
 
 - ``LoramergeError`` -> its status code, message and google.rpc.BadRequest details.
 - any other exception -> INTERNAL with a short message; the traceback goes to the log.
-- a client that cancels -> the handler's CancelledError propagates (counted as CANCELLED).
+- a client that cancels -> CancelledError (unary) or GeneratorExit (stream) propagates, counted as
+  CANCELLED.
 Each error is counted in ``loramerge_rpc_errors_total{method,code}`` when the servicer has metrics.
 """
 
@@ -98,12 +99,19 @@ def rpc_method(fn: F) -> F:
             if metrics:
                 metrics.requests.labels(method=method).inc()
             t0 = time.perf_counter()
+            inner = fn(self, request, context)
             try:
-                async for item in fn(self, request, context):
+                async for item in inner:
                     yield item
+            except GeneratorExit:
+                # grpc closes the generator of a stream the client cancelled (or the server dropped).
+                if metrics:
+                    metrics.error(method, "CANCELLED")
+                raise
             except (Exception, asyncio.CancelledError) as exc:
                 await _handle(exc, method, self, context)
             finally:
+                await inner.aclose()  # run the handler's own cleanup now, not when it is collected
                 if metrics:
                     metrics.seconds.labels(method=method).observe(time.perf_counter() - t0)
 

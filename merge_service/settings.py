@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loramerge_common.server import ServerSettings
-from loramerge_common.settings import GiB, MiB, setting
+from loramerge_common.settings import GiB, MiB, SettingsError, setting
 
 ENV_PREFIX = "LORAMERGE_MERGE_"
 
@@ -38,6 +38,37 @@ class MergeSettings(ServerSettings):
     )
     max_concurrent_builds: int = setting(2, "merges computed at the same time; others wait")
     device: str = setting("auto", "where merges run: auto, cpu or cuda")
+    s3_endpoint_url: str | None = setting(None, "S3-compatible endpoint (MinIO, Ceph...); unset: AWS")
+    s3_region: str | None = setting(None, "S3 region; unset: boto3's choice (AWS_REGION, profile)")
+    s3_addressing_style: str = setting("auto", "S3 addressing: auto, path or virtual")
+    s3_cache_dir: Path | None = setting(None, "where S3 downloads are kept; unset: a temp directory")
+    s3_cache_bytes: int = setting(10 * GiB, "bound of the S3 download cache", byte_size=True)
+
+    def validate(self) -> None:
+        """Raise SettingsError for values that parse but make no sense."""
+        checks = [
+            (
+                self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+                "device",
+                self.device,
+            ),
+            (self.chunk_bytes >= 1024, "chunk_bytes", self.chunk_bytes),
+            (self.chunk_bytes <= self.max_send_message_bytes - 1024, "chunk_bytes", self.chunk_bytes),
+            (self.max_adapters >= 1, "max_adapters", self.max_adapters),
+            (self.max_concurrent_builds >= 1, "max_concurrent_builds", self.max_concurrent_builds),
+            (self.cache_memory_bytes >= 0, "cache_memory_bytes", self.cache_memory_bytes),
+            (self.log_format in ("json", "text"), "log_format", self.log_format),
+            (
+                self.s3_addressing_style in ("auto", "path", "virtual"),
+                "s3_addressing_style",
+                self.s3_addressing_style,
+            ),
+        ]
+        for ok, name, value in checks:
+            if not ok:
+                raise SettingsError(
+                    f"{ENV_PREFIX}{name.upper()} / --{name.replace('_', '-')}: bad value {value!r}"
+                )
 
     def hub_token(self) -> str | None:
         """The Hub token from the variable named by hub_token_env; kept out of the settings and logs."""

@@ -1,0 +1,88 @@
+"""Wire the merge service together: sources, merger, cache, single-flight, servicer, gRPC server."""
+
+from __future__ import annotations
+
+import logging
+
+from loramerge.v1 import merge_pb2, merge_pb2_grpc
+from prometheus_client import CollectorRegistry
+
+from loramerge_common.metrics import RpcMetrics
+from loramerge_common.server import GrpcServer, Service
+from merge_service.cache import MergeCache
+from merge_service.metrics import MergeMetrics
+from merge_service.pipeline import Merger
+from merge_service.servicer import BuildResult, MergeServicer
+from merge_service.settings import MergeSettings
+from merge_service.singleflight import SingleFlight
+from merge_service.sources import SourceResolver
+from merge_service.sources.s3 import S3Settings, S3Source
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = merge_pb2.DESCRIPTOR.services_by_name["MergeService"].full_name
+
+
+def make_resolver(settings: MergeSettings) -> SourceResolver:
+    """Local (under adapter_root), Hub (token from the variable hub_token_env names) and S3 sources."""
+    max_bytes = settings.max_adapter_bytes or None
+    resolver = SourceResolver(
+        settings.adapter_root,
+        hub_token=settings.hub_token(),
+        hub_cache_dir=settings.hub_cache_dir,
+        max_adapter_bytes=max_bytes,
+    )
+    s3 = S3Settings(
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.s3_region,
+        cache_bytes=settings.s3_cache_bytes,
+        addressing_style=settings.s3_addressing_style,
+    )
+    if settings.s3_cache_dir is not None:
+        s3 = S3Settings(**{**s3.__dict__, "cache_dir": settings.s3_cache_dir})
+    resolver.register(S3Source(s3, max_adapter_bytes=max_bytes))
+    return resolver
+
+
+def build_server(
+    settings: MergeSettings, *, resolver: SourceResolver | None = None, merger: Merger | None = None
+) -> tuple[GrpcServer, MergeServicer]:
+    """A ready-to-start server (call on the event loop that will run it). ``resolver``/``merger``
+    replace the ones built from settings (tests)."""
+    settings.validate()
+    registry = CollectorRegistry()
+    rpc_metrics = RpcMetrics(registry)
+    metrics = MergeMetrics(registry)
+    merger = merger or Merger(
+        resolver or make_resolver(settings),
+        device=settings.device,
+        max_input_bytes=settings.max_request_bytes or None,
+    )
+    cache = MergeCache(
+        settings.cache_memory_bytes,
+        disk_dir=settings.cache_dir,
+        disk_bytes=settings.cache_disk_bytes,
+        metrics=metrics,
+    )
+    flights: SingleFlight[BuildResult] = SingleFlight(settings.max_concurrent_builds, metrics)
+    servicer = MergeServicer(
+        merger,
+        cache,
+        flights,
+        metrics,
+        chunk_bytes=settings.chunk_bytes,
+        max_adapters=settings.max_adapters,
+        rpc_metrics=rpc_metrics,
+    )
+
+    async def close_builds() -> None:
+        await flights.close(timeout=0)
+
+    server = GrpcServer(
+        settings,
+        [Service(SERVICE_NAME, servicer, merge_pb2_grpc.add_MergeServiceServicer_to_server)],
+        registry=registry,
+        rpc_metrics=rpc_metrics,
+        on_stop=[close_builds],
+    )
+    return server, servicer
