@@ -39,8 +39,11 @@ def float32_to_decimal(x: float) -> float:
     f32 = struct.unpack("<f", struct.pack("<f", x))[0]
     for digits in range(1, 10):
         candidate = float(f"{f32:.{digits}g}")
-        if struct.unpack("<f", struct.pack("<f", candidate))[0] == f32:
-            return candidate
+        try:
+            if struct.unpack("<f", struct.pack("<f", candidate))[0] == f32:
+                return candidate
+        except OverflowError:  # rounding near float32's max went past it
+            continue
     return f32
 
 
