@@ -101,7 +101,7 @@ def truncate_dense(
     k kept directions is then within a hair of the optimum; see the benchmark), and exact otherwise.
     """
     d_out, d_in = m.shape
-    if k >= d_in:
+    if k >= d_in and d_in <= d_out:
         return Factors(m.clone(), torch.eye(d_in, dtype=m.dtype, device=m.device), 0.0)
     if k >= d_out:
         return Factors(torch.eye(d_out, dtype=m.dtype, device=m.device), m.clone(), 0.0)

@@ -15,7 +15,8 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -117,6 +118,25 @@ def pick_device(device: str) -> str:
     return device
 
 
+# Below this many elements per module, intra-op threads cost more than they give (and oversubscribed
+# cores make LAPACK's OpenMP barriers very slow); torch's thread count is per calling thread.
+SMALL_MODULE_ELEMENTS = 1 << 20
+
+
+@contextmanager
+def _intra_op_threads(n: int | None) -> Iterator[None]:
+    """Run the body with ``n`` intra-op threads in this thread (None: leave as is)."""
+    if n is None:
+        yield
+        return
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
 def _read_shapes(src: ResolvedSource, config: AdapterConfig, fld: str) -> dict[str, tuple[int, int, int]]:
     """{module: (rank, d_out, d_in)} from the safetensors header alone."""
     path = src.path / WEIGHTS_FILE
@@ -133,15 +153,18 @@ def _file_bytes(src: ResolvedSource) -> int:
 
 
 def _output_rank(spec: MergeSpec, modules: tuple[ModuleShape, ...]) -> int:
-    """target_rank when given; else the exact rank (delta: Σ r_i per module; factors: r), capped by
-    max_rank (compressing)."""
+    """The output rank: target_rank when given (never above what is exact), else the default — delta
+    linear: Σ r_i (exact); other delta strategies: Σ r_i (the size of the inputs; the dense merge is
+    full rank and is truncated to it); factors: r — capped by max_rank (compressing)."""
     if spec.space == Space.FACTORS:
-        exact = max(max(m.ranks) for m in modules)
+        default = exact = max(max(m.ranks) for m in modules)
     else:
-        exact = max(sum(m.ranks) for m in modules)
+        default = max(sum(m.ranks) for m in modules)
+        linear = strategies.get(spec.strategy).linear
+        exact = default if linear else max(min(m.d_out, m.d_in) for m in modules)
     if spec.target_rank:
         return min(spec.target_rank, exact)
-    return min(exact, spec.max_rank) if spec.max_rank else exact
+    return min(default, spec.max_rank) if spec.max_rank else default
 
 
 class Merger:
@@ -247,14 +270,7 @@ class Merger:
         t0 = time.perf_counter()
         device = pick_device(self.device)
         spec = plan.spec
-        strategy = strategies.get(spec.strategy)
-        params = MergeParams(
-            density=spec.density if spec.density is not None else 1.0,
-            sign_method=spec.sign_method,
-            seed=spec.seed or 0,
-        )
         order = plan.order or tuple(range(len(plan.sources)))
-        total = len(plan.modules)
         if progress:
             progress("load", 0, len(order))
         adapters: list[LoraAdapter] = []
@@ -264,27 +280,10 @@ class Merger:
                 progress("load", n + 1, len(order))
         weights = [spec.adapters[i].weight for i in order]
         keys = _adapter_keys([plan.sources[i].digest for i in order])
-        out_dtype = TORCH_DTYPES[spec.dtype]
 
-        tensors: dict[str, torch.Tensor] = {}
-        stats: list[ModuleStat] = []
-        for n, shape in enumerate(plan.modules):
-            parts = []
-            for a in adapters:
-                mod = a.modules.get(shape.name)
-                parts.append(None if mod is None else Part(mod.A, mod.B, mod.scale))
-            self._check_loaded(shape, parts, adapters)
-            with torch.no_grad():
-                result = merge_module(
-                    shape.name, parts, weights, keys, strategy, params, spec.space, plan.rank
-                )
-                B, A = pad_rank(result, plan.rank)
-            name_a, name_b = tensor_names(shape.name)
-            tensors[name_a] = A.to(device="cpu", dtype=out_dtype)
-            tensors[name_b] = B.to(device="cpu", dtype=out_dtype)
-            stats.append(ModuleStat(shape.name, result.rank, float(result.relative_error)))
-            if progress:
-                progress("merge", n + 1, total)
+        small = device == "cpu" and max(m.d_out * m.d_in for m in plan.modules) <= SMALL_MODULE_ELEMENTS
+        with _intra_op_threads(1 if small else None):
+            tensors, stats = self._merge_modules(plan, adapters, weights, keys, progress)
         del adapters
         data = safetensors_bytes(tensors)
         config = adapter_config(
@@ -305,6 +304,43 @@ class Merger:
             build_seconds=time.perf_counter() - t0,
             device=device,
         )
+
+    def _merge_modules(
+        self,
+        plan: Plan,
+        adapters: list[LoraAdapter],
+        weights: list[float],
+        keys: list[str],
+        progress: Progress | None,
+    ) -> tuple[dict[str, torch.Tensor], list[ModuleStat]]:
+        spec = plan.spec
+        strategy = strategies.get(spec.strategy)
+        params = MergeParams(
+            density=spec.density if spec.density is not None else 1.0,
+            sign_method=spec.sign_method,
+            seed=spec.seed or 0,
+        )
+        out_dtype = TORCH_DTYPES[spec.dtype]
+        tensors: dict[str, torch.Tensor] = {}
+        stats: list[ModuleStat] = []
+        for n, shape in enumerate(plan.modules):
+            parts = []
+            for a in adapters:
+                mod = a.modules.get(shape.name)
+                parts.append(None if mod is None else Part(mod.A, mod.B, mod.scale))
+            self._check_loaded(shape, parts, adapters)
+            with torch.no_grad():
+                result = merge_module(
+                    shape.name, parts, weights, keys, strategy, params, spec.space, plan.rank
+                )
+                B, A = pad_rank(result, plan.rank)
+            name_a, name_b = tensor_names(shape.name)
+            tensors[name_a] = A.to(device="cpu", dtype=out_dtype)
+            tensors[name_b] = B.to(device="cpu", dtype=out_dtype)
+            stats.append(ModuleStat(shape.name, result.rank, float(result.relative_error)))
+            if progress:
+                progress("merge", n + 1, len(plan.modules))
+        return tensors, stats
 
     @staticmethod
     def _check_loaded(shape: ModuleShape, parts: list[Part | None], adapters: list[LoraAdapter]) -> None:
