@@ -14,7 +14,7 @@ from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file, save_file
 
 from loramerge_common.errors import InvalidArgument, NotFound
-from merge_service.adapter import AdapterConfig, load_adapter, parse_config, read_config
+from merge_service.adapter import AdapterConfig, all_finite, load_adapter, parse_config, read_config
 from merge_service.sources.base import CONFIG_FILE, WEIGHTS_FILE, ResolvedSource
 from merge_service.spec import SourceKind
 from tests.factories import lora_delta, make_adapter
@@ -191,3 +191,14 @@ def test_errors_carry_the_callers_field(adapter_root: Path, tmp_path: Path) -> N
         load_adapter(_src(d, "team/b"), field="spec.adapters[1].id")
     assert info.value.field == "spec.adapters[1].id"
     assert "'team/b'" in info.value.message and "NaN" in info.value.message
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("shape", [(1,), (7, 3), (16, 1031)])
+def test_all_finite_agrees_with_isfinite(value: float, shape: tuple[int, ...]) -> None:
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    assert all_finite(t)
+    for pos in {0, t.numel() // 2, t.numel() - 1}:
+        bad = t.clone()
+        bad.view(-1)[pos] = value
+        assert not all_finite(bad) and not bool(torch.isfinite(bad).all())
