@@ -203,3 +203,30 @@ def test_no_credentials_and_unreachable_endpoint(
         err = _error(lambda: merge_pb2_grpc.MergeServiceStub(ch).Plan(P.MergeRequest(spec=spec), timeout=120))
     assert err.code() == grpc.StatusCode.UNAVAILABLE
     assert closed in err.details() and s3_server.reader.secret_access_key not in err.details()
+
+
+def test_cli_plan_and_fetch(service, tmp_path: Path, adapter_root: Path) -> None:
+    """The README's command-line example: s3:// ids with weights, mixed with a local one."""
+    address, _ = service
+    cli = str(Path(sys.executable).parent / "loramerge")
+    common = ["-a", f"s3://{PUBLIC_BUCKET}/svc/a:0.7", "-a", "b:0.3", "--merge-addr", address]
+    out = subprocess.run([cli, "plan", *common, "--json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert [a["source"] for a in plan["adapters"]] == ["S3", "LOCAL"]
+    assert plan["adapters"][0]["weight"] == pytest.approx(0.7)
+    fetched = subprocess.run(
+        [cli, "fetch", *common, "--output", str(tmp_path / "merged")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert fetched.returncode == 0, fetched.stderr
+    assert (tmp_path / "merged" / "adapter_model.safetensors").stat().st_size > 0
+    denied = subprocess.run(
+        [cli, "plan", "-a", f"s3://{PRIVATE_BUCKET}/svc/a", "--merge-addr", address],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert denied.returncode == 2 and "access denied" in denied.stderr
