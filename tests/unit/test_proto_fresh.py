@@ -32,5 +32,7 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
     generated = sorted(p.name for p in (src / "loramerge" / "v1").glob("*_pb2*"))
     checked_in = sorted(p.name for p in PROTO_DIR.glob("*_pb2*"))
     assert generated == checked_in, "run `make proto`: generated files differ from those checked in"
-    stale = [n for n in generated if not filecmp.cmp(src / "loramerge" / "v1" / n, PROTO_DIR / n, shallow=False)]
+    stale = [
+        n for n in generated if not filecmp.cmp(src / "loramerge" / "v1" / n, PROTO_DIR / n, shallow=False)
+    ]
     assert not stale, f"run `make proto`: stale generated files {stale}"
