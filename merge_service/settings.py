@@ -41,7 +41,7 @@ class MergeSettings(ServerSettings):
     s3_endpoint_url: str | None = setting(None, "S3-compatible endpoint (MinIO, Ceph...); unset: AWS")
     s3_region: str | None = setting(None, "S3 region; unset: boto3's choice (AWS_REGION, profile)")
     s3_addressing_style: str = setting("auto", "S3 addressing: auto, path or virtual")
-    s3_cache_dir: Path | None = setting(None, "where S3 downloads are kept; unset: a temp directory")
+    s3_cache_dir: Path | None = setting(None, "where S3 downloads are kept; unset: ~/.cache/loramerge/s3")
     s3_cache_bytes: int = setting(10 * GiB, "bound of the S3 download cache", byte_size=True)
 
     def validate(self) -> None:
