@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,6 +214,23 @@ def parse_config(raw: object, adapter_id: str, field: str = "adapter") -> Adapte
     )
 
 
+class _NotRegular(OSError):
+    pass
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """Open a regular file for reading; a FIFO or device is refused instead of blocking the read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _NotRegular(f"{path} is not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in pairs:
@@ -228,7 +246,7 @@ def read_config(path: Path, adapter_id: str, field: str = "adapter") -> AdapterC
     if path.is_dir():
         path = path / CONFIG_FILE
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
             if size > MAX_CONFIG_BYTES:
                 raise _err(
@@ -240,7 +258,7 @@ def read_config(path: Path, adapter_id: str, field: str = "adapter") -> AdapterC
             data = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise _err(NotFound, adapter_id, f"has no {CONFIG_FILE}", field) from None
-    except IsADirectoryError:
+    except _NotRegular:
         raise _err(InvalidArgument, adapter_id, f"{CONFIG_FILE} is not a regular file", field) from None
     except OSError as e:
         raise _err(
@@ -436,9 +454,11 @@ def load_adapter(
     config = read_config(src.path / CONFIG_FILE, src.id, field)
     weights = src.path / WEIGHTS_FILE
     try:
-        f = open(weights, "rb")  # noqa: SIM115 (closed below; the handle keeps one version of the file)
+        f = open_regular(weights)
     except FileNotFoundError:
         raise missing_weights_error(src.path, src.id, field) from None
+    except _NotRegular:
+        raise _err(InvalidArgument, src.id, f"{WEIGHTS_FILE} is not a regular file", field) from None
     except OSError as e:
         raise _err(FailedPrecondition, src.id, f"cannot read {WEIGHTS_FILE}: {e.strerror}", field) from None
     with f:
@@ -461,12 +481,12 @@ def load_adapter(
     for module, (key_a, key_b) in modules.items():
         factors = []
         for key in (key_a, key_b):
-            t = tensors.pop(key).to(torch.float32)
+            t = tensors.pop(key).to(device=device).to(torch.float32)
             if not all_finite(t):
                 bad = int((~torch.isfinite(t)).sum())
                 raise _err(
                     InvalidArgument, src.id, f"tensor {key!r} has {bad} non-finite (NaN/Inf) values", field
                 )
-            factors.append(t.to(device).contiguous())
+            factors.append(t.contiguous())
         out[module] = LoraModule(A=factors[0], B=factors[1], scale=config.scale_for(module))
     return LoraAdapter(id=src.id, config=config, modules=out, digest=src.digest)

@@ -27,9 +27,9 @@ from loramerge_common.errors import (
     NotFound,
     ResourceExhausted,
 )
-from merge_service.adapter import LoraAdapter, load_adapter
+from merge_service.adapter import LoraAdapter, load_adapter, read_config
 from merge_service.sources import SourceResolver
-from merge_service.sources.base import CONFIG_FILE, PICKLED_WEIGHTS_FILE, WEIGHTS_FILE
+from merge_service.sources.base import CONFIG_FILE, PICKLED_WEIGHTS_FILE, WEIGHTS_FILE, ResolvedSource
 from merge_service.spec import AdapterRef, SourceKind
 
 FIELD = "spec.adapters[0].id"
@@ -360,8 +360,6 @@ def test_pickled_bin_only_is_refused_and_never_unpickled(root: Path, tmp_path: P
     assert isinstance(err, FailedPrecondition)
     assert "adapter_model.bin" in err.message and "never loaded" in err.message
     # load_adapter on its own refuses it the same way.
-    from merge_service.sources.base import ResolvedSource
-
     with pytest.raises(FailedPrecondition, match=r"adapter_model\.bin"):
         load_adapter(ResolvedSource("pickled", SourceKind.LOCAL, "", "x", d))
     assert not marker.exists()
@@ -447,6 +445,12 @@ def test_fifo_and_directory_in_place_of_files(root: Path) -> None:
     os.mkfifo(d / WEIGHTS_FILE)  # reading it would block forever
     err = attempt(root, "fifo")
     assert isinstance(err, InvalidArgument) and "not a regular file" in err.message
+    # load_adapter refuses it on its own too, without blocking on the open.
+    with pytest.raises(InvalidArgument, match="not a regular file"):
+        load_adapter(ResolvedSource("fifo", SourceKind.LOCAL, "", "x", d))
+    os.mkfifo(root / "fifo-config")
+    with pytest.raises(InvalidArgument, match="not a regular file"):
+        read_config(root / "fifo-config", "fifo")
     d = write(root / "dir")
     (d / CONFIG_FILE).unlink()
     (d / CONFIG_FILE).mkdir()
