@@ -315,3 +315,16 @@ def test_other_adapter_files_in_a_fresh_tree(s3_server: S3Server, tmp_path: Path
         AdapterRef(f"s3://{PUBLIC_BUCKET}/deep/nested/prefix/pat")
     )
     assert _same_files(resolved.path, src)
+
+
+def test_concurrent_resolves_share_one_entry(
+    s3_server: S3Server, uploaded: dict[str, str], tmp_path: Path
+) -> None:
+    """Racing first downloads of one version end in one complete entry and no staging leftovers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    source = _source(s3_server, tmp_path / "cache")
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: source.resolve(AdapterRef(uploaded["b"])), range(4)))
+    assert len({r.path for r in results}) == 1 and len({r.digest for r in results}) == 1
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [results[0].path.name]
