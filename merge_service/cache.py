@@ -20,8 +20,10 @@ import json
 import logging
 import os
 import re
+import socket
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,9 @@ _KEY_RE = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 DATA_SUFFIX = ".safetensors"
 META_SUFFIX = ".json"
 TMP_MARK = ".tmp-"
+# Pods sharing a cache volume all run as pid 1: temporary names carry the host name and a random part,
+# and start-up removes only temporary files this old (younger ones may be another pod's write).
+STALE_TMP_SECONDS = 3600.0
 
 
 class CachedModule(NamedTuple):
@@ -173,7 +178,7 @@ def _fsync_dir(path: Path) -> None:
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}-{threading.get_ident()}")
+    tmp = path.with_name(f"{path.name}{TMP_MARK}{socket.gethostname()}-{uuid.uuid4().hex}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -195,9 +200,11 @@ class DiskTier:
         self.limit_bytes = limit_bytes
         self.metrics = metrics
         self.dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.dir.glob(f"*{TMP_MARK}*"):  # left by a crash mid-write
+        cutoff = time.time() - STALE_TMP_SECONDS
+        for tmp in self.dir.glob(f"*{TMP_MARK}*"):  # left by a crash mid-write, or being written now
             with contextlib.suppress(OSError):
-                stale.unlink()
+                if tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
 
     def _data(self, key: str) -> Path:
         return self.dir / f"{key}{DATA_SUFFIX}"

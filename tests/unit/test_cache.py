@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -11,7 +12,16 @@ from prometheus_client import CollectorRegistry
 
 from loramerge_common.errors import InvalidArgument
 from loramerge_common.metrics import sample_value
-from merge_service.cache import CachedModule, CacheEntry, MergeCache, check_key, sha256_hex
+from merge_service.cache import (
+    STALE_TMP_SECONDS,
+    TMP_MARK,
+    CachedModule,
+    CacheEntry,
+    MergeCache,
+    atomic_write,
+    check_key,
+    sha256_hex,
+)
 from merge_service.metrics import MergeMetrics
 
 
@@ -106,10 +116,32 @@ def test_disk_bound_drops_least_recently_used(tmp_path: Path) -> None:
 
 
 def test_no_temporary_files_left_and_stale_ones_cleaned(tmp_path: Path) -> None:
-    (tmp_path / "zz.safetensors.tmp-1-2").write_bytes(b"half")
+    stale = tmp_path / "zz.safetensors.tmp-pod-a-1"
+    stale.write_bytes(b"half")
+    old = time.time() - STALE_TMP_SECONDS - 60
+    os.utime(stale, (old, old))
+    fresh = tmp_path / "yy.safetensors.tmp-pod-b-2"  # another pod's write in progress: left alone
+    fresh.write_bytes(b"half")
     cache = MergeCache(memory_bytes=1000, disk_dir=tmp_path, disk_bytes=10_000)
     cache.put(entry("k1", 10))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["k1.json", "k1.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([fresh.name, "k1.json", "k1.safetensors"])
+    assert [e.merge_key for e in cache.entries()] == ["k1"]
+
+
+def test_temporary_names_differ_across_writers_with_the_same_pid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    names: list[str] = []
+
+    def recording_open(file, *args, **kwargs):
+        names.append(Path(file).name)
+        return open(file, *args, **kwargs)
+
+    monkeypatch.setattr("merge_service.cache.open", recording_open, raising=False)
+    for _ in range(2):
+        atomic_write(tmp_path / "k.safetensors", b"data")
+    assert len(names) == 2 and names[0] != names[1]
+    assert all(TMP_MARK in n and socket.gethostname() in n for n in names)
 
 
 def test_evict_one_and_all(tmp_path: Path) -> None:
