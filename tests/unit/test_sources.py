@@ -419,3 +419,10 @@ def test_hub_unreachable_is_unavailable(tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(Unavailable, match="cannot reach the hub"):
         source.resolve(AdapterRef("org/name"))
     assert sleeps  # it did retry
+
+
+@pytest.mark.usefixtures("offline")
+def test_hub_default_cache_is_huggingface_hubs(hub_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no cache dir configured, the one HF_HOME / HF_HUB_CACHE point at is used."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache))
+    assert SourceResolver(None).resolve(AdapterRef("org/name")).path.is_relative_to(hub_cache)
