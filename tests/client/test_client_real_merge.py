@@ -29,6 +29,8 @@ def test_plan_merge_cache_and_evict(real_merge: MergeServiceProc, tmp_path: Path
         progress = []
         first = client.merge(TIES, output_dir=tmp_path / "m", on_progress=progress.append)
         assert first.merge_key == plan.merge_key and first.header.rank == plan.rank
+        merging = [p for p in progress if p.stage == "merge"]  # a cache miss reports its build
+        assert merging and merging[-1].done == merging[-1].total > 0
         with safe_open(tmp_path / "m" / first.file_name, "pt") as f:  # an independent reader
             keys = list(f.keys())
         assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
