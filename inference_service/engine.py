@@ -171,4 +171,17 @@ class Engine:
         return self._llm.get_tokenizer()
 
     def shutdown(self) -> None:
-        self._llm.shutdown()
+        """Stop vLLM's processes. The reference is dropped here so that AsyncLLM.__del__ runs now,
+        not during interpreter teardown (where it fails noisily)."""
+        llm, self._llm = self._llm, _Stopped()
+        llm.shutdown()
+        del llm
+
+
+class _Stopped:
+    """Stands in for the AsyncLLM after shutdown: the engine reads as dead."""
+
+    errored = True
+
+    def shutdown(self) -> None:
+        pass

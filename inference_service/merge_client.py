@@ -66,6 +66,9 @@ class MergeClient:
             ("grpc.lb_policy_name", "round_robin"),
             ("grpc.max_receive_message_length", 64 * 2**20),
             ("grpc.enable_retries", 0),  # we retry (and resume) ourselves
+            # Reconnect quickly to a restarted merge pod (gRPC's default back-off grows to 120 s).
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 2000),
         ]
         if settings.merge_tls_ca is not None or settings.merge_tls_cert is not None:
             creds = channel_credentials(
@@ -171,9 +174,12 @@ class MergeClient:
         violations = [
             FieldViolation(field_namer(v.field), v.description) for v in violations_from_status(status)
         ]
+        message = e.details() or e.code().name
+        for original in violations_from_status(status):
+            message = message.replace(original.field, field_namer(original.field))
         cls = error_class_for(e.code())
         return cls(
-            f"merge service: {e.details()}",
+            f"merge service: {message}",
             field=violations[0].field if violations else field_namer("spec"),
             violations=violations or None,
         )

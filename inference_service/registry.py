@@ -274,13 +274,12 @@ class AdapterRegistry:
     async def _register(
         self, received: Received, key: str, lora_int_id: int, description: str, via: str
     ) -> Usage:
-        """add_lora the received folder under a new name and id, making room first (LRU)."""
+        """add_lora the received folder under a new name and id, then evict down to the bound (LRU)."""
         async with self._lock:
             existing = self._by_key.get(key)
             if existing is not None:  # another spelling of the same merge got here first
                 shutil.rmtree(received.directory, ignore_errors=True)
                 return Usage(existing, already_loaded=True)
-            await self._make_room()
             name = f"{key.removeprefix('sha256:')[:16]}-{lora_int_id}"
             t0 = time.perf_counter()
             try:
@@ -302,6 +301,8 @@ class AdapterRegistry:
                 or str(received.config.get("base_model_name_or_path", "")),
                 description=description,
             )
+            # Evict only once the new adapter is in: a rejected one must not cost a loaded one.
+            await self._make_room()
             self._by_key[key] = entry
             self._update_gauges()
         if self.metrics:
