@@ -1,11 +1,15 @@
 """The merged adapter as PEFT files: adapter_config.json and adapter_model.safetensors.
 
 The scale is folded into the factors, so the config says lora_alpha = r and use_rslora = false
-(scale 1 for PEFT and vLLM alike). The config carries a "loramerge" record (merge key, algorithm
-version, the effective request); PEFT and vLLM ignore keys they do not know.
+(scale 1 for PEFT and vLLM alike), and holds only keys PEFT knows (it warns about others).
 
-The safetensors bytes are deterministic: tensors are written in sorted-name order with fixed
-metadata, so the same factors always give the same bytes.
+Where the merge came from is recorded twice:
+- in the safetensors metadata: the merge key and the canonical request (content digests, weights,
+  parameters) — everything that decides the bytes and nothing else, so one key has one file;
+- in a sidecar ``loramerge.json`` written beside the two PEFT files: the same plus the request as
+  asked (adapter ids, revisions, max_rank).
+
+The safetensors bytes are deterministic: tensors in sorted-name order, fixed metadata.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import save as save_safetensors
 
 from loramerge_common.errors import FailedPrecondition
 from merge_service.sources.base import CONFIG_FILE, WEIGHTS_FILE
@@ -29,7 +32,7 @@ if TYPE_CHECKING:
     from merge_service.pipeline import BuiltAdapter
 
 PEFT_PREFIX = "base_model.model."
-RECORD_KEY = "loramerge"
+SIDECAR_FILE = "loramerge.json"
 METADATA = {"format": "pt"}
 
 TORCH_DTYPES: dict[Dtype, torch.dtype] = {
@@ -50,7 +53,7 @@ def target_modules(modules: Iterable[str]) -> list[str]:
 
 
 def adapter_config(
-    *, rank: int, modules: Iterable[str], base_model: str, task_type: str | None, record: Mapping[str, Any]
+    *, rank: int, modules: Iterable[str], base_model: str, task_type: str | None
 ) -> dict[str, Any]:
     """adapter_config.json of the merged adapter: plain LoRA, scale 1 (lora_alpha = r, no rsLoRA)."""
     return {
@@ -70,7 +73,6 @@ def adapter_config(
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
-        RECORD_KEY: dict(record),
     }
 
 
@@ -78,10 +80,33 @@ def config_json(config: Mapping[str, Any]) -> str:
     return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
-def safetensors_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
-    """The adapter_model.safetensors bytes: contiguous CPU tensors, sorted names, fixed metadata."""
-    clean = {name: tensors[name].detach().to("cpu").contiguous() for name in sorted(tensors)}
-    return save_safetensors(clean, metadata=METADATA)
+_DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
+
+
+def safetensors_bytes(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> bytes:
+    """The adapter_model.safetensors bytes, serialized here so that every byte is fixed: the header
+    lists ``__metadata__`` then tensors in sorted-name order (safetensors' own writer keeps metadata in
+    a hash map, whose order varies), data in the same order, the header padded with spaces to 8 bytes."""
+    header: dict[str, Any] = {
+        "__metadata__": {k: str(v) for k, v in sorted({**METADATA, **(metadata or {})}.items())}
+    }
+    blobs: list[bytes] = []
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {
+            "dtype": _DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + len(raw)],
+        }
+        blobs.append(raw)
+        offset += len(raw)
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + b"".join(blobs)
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -107,6 +132,8 @@ def write_peft_dir(built: BuiltAdapter, out_dir: Path, *, overwrite: bool = Fals
     try:
         _fsync_write(tmp / WEIGHTS_FILE, built.data)
         _fsync_write(tmp / CONFIG_FILE, built.config_json.encode())
+        if built.record_json:
+            _fsync_write(tmp / SIDECAR_FILE, built.record_json.encode())
         if out_dir.is_dir():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             old.rmdir()

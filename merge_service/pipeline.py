@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -34,8 +34,9 @@ from merge_service.adapter import (
     read_safetensors_header,
 )
 from merge_service.engine import Part, merge_module, pad_rank
-from merge_service.identity import ALGORITHM_VERSION, derived_seed, merge_key
+from merge_service.identity import ALGORITHM_VERSION, canonical, derived_seed, encode, merge_key
 from merge_service.output import (
+    SIDECAR_FILE,
     TORCH_DTYPES,
     adapter_config,
     config_json,
@@ -98,7 +99,7 @@ class BuiltAdapter:
     base_model: str
     build_seconds: float
     device: str = "cpu"
-    extra: dict = field(default_factory=dict)
+    record_json: str = ""  # the sidecar loramerge.json: how this adapter was made
 
     @property
     def max_relative_error(self) -> float:
@@ -285,13 +286,15 @@ class Merger:
         with _intra_op_threads(1 if small else None):
             tensors, stats = self._merge_modules(plan, adapters, weights, keys, progress)
         del adapters
-        data = safetensors_bytes(tensors)
+        canonical_spec = encode(canonical(spec, [src.digest for src in plan.sources], plan.rank)).decode()
+        data = safetensors_bytes(
+            tensors, {"loramerge.merge_key": plan.merge_key, "loramerge.canonical_spec": canonical_spec}
+        )
         config = adapter_config(
             rank=plan.rank,
             modules=[m.name for m in plan.modules],
             base_model=plan.base_model,
             task_type=plan.task_type,
-            record=self.record(plan),
         )
         return BuiltAdapter(
             merge_key=plan.merge_key,
@@ -303,6 +306,7 @@ class Merger:
             base_model=plan.base_model,
             build_seconds=time.perf_counter() - t0,
             device=device,
+            record_json=json.dumps(self.record(plan), indent=2, sort_keys=True) + "\n",
         )
 
     def _merge_modules(
@@ -389,5 +393,5 @@ def _adapter_keys(digests: list[str]) -> list[str]:
 
 
 def load_record(path: Path) -> dict:
-    """The "loramerge" record of a merged adapter directory."""
-    return json.loads((Path(path) / CONFIG_FILE).read_text())["loramerge"]
+    """The record (sidecar ``loramerge.json``) of a merged adapter directory."""
+    return json.loads((Path(path) / SIDECAR_FILE).read_text())

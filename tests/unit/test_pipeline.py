@@ -13,7 +13,7 @@ from loramerge_common.errors import FailedPrecondition, InvalidArgument, NotFoun
 from merge_service.engine import delta_dense
 from merge_service.identity import derived_seed
 from merge_service.output import tensor_names
-from merge_service.pipeline import BuiltAdapter, Merger, write_peft_dir
+from merge_service.pipeline import BuiltAdapter, Merger, load_record, write_peft_dir
 from merge_service.sources import SourceResolver
 from merge_service.spec import AdapterRef, Dtype, MergeSpec, SignMethod, SourceKind, Space, Strategy
 from tests.factories import lora_delta, make_adapter
@@ -250,11 +250,17 @@ def test_output_dtype_config_and_record(merger: Merger, tmp_path: Path) -> None:
     cfg = json.loads(built.config_json)
     assert cfg["r"] == cfg["lora_alpha"] == 12 and cfg["use_rslora"] is False and cfg["bias"] == "none"
     assert cfg["base_model_name_or_path"] == plan.base_model
-    assert cfg["loramerge"]["merge_key"] == plan.merge_key
-    assert [a["id"] for a in cfg["loramerge"]["request"]["adapters"]] == ["a", "b"]
+    assert "loramerge" not in cfg  # PEFT warns about keys it does not know
+    meta = json.loads(built.data[8 : 8 + int.from_bytes(built.data[:8], "little")])["__metadata__"]
+    assert meta["loramerge.merge_key"] == plan.merge_key
+    assert json.loads(meta["loramerge.canonical_spec"])["rank"] == 12
+    record = json.loads(built.record_json)
+    assert record["merge_key"] == plan.merge_key
+    assert [a["id"] for a in record["request"]["adapters"]] == ["a", "b"]
     out = tmp_path / "out"
     write_peft_dir(built, out)
     assert (out / "adapter_model.safetensors").read_bytes() == built.data
+    assert load_record(out) == record
     with pytest.raises(FailedPrecondition, match="not empty"):
         write_peft_dir(built, out)
     write_peft_dir(built, out, overwrite=True)
