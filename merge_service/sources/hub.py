@@ -10,8 +10,9 @@ serves only what the cache holds, resolving branches through the cache's refs. W
 set and the hub is reachable, file sizes come from HEAD requests before anything is downloaded.
 
 Errors: repo, revision or file missing → NotFound; gated repo, 401/403 → PermissionDenied; only
-pickled ``adapter_model.bin`` weights → FailedPrecondition (never downloaded); hub unreachable or
-offline with nothing cached → Unavailable; malformed repo id → InvalidArgument.
+pickled ``adapter_model.bin`` weights → FailedPrecondition (never downloaded); hub unreachable →
+Unavailable; offline mode with nothing cached → FailedPrecondition (retrying cannot help); malformed
+repo id → InvalidArgument.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 
 from loramerge_common.errors import (
+    FailedPrecondition,
     Internal,
     InvalidArgument,
     LoramergeError,
@@ -176,7 +178,9 @@ class HubSource:
             return NotFound(f"adapter {aid!r}: the hub repo has no such revision", field="adapter")
         if isinstance(e, LocalEntryNotFoundError):
             if self.offline:
-                return Unavailable(
+                # Not transient: retrying cannot help until someone fills the cache or turns
+                # offline mode off, so clients must not treat it as UNAVAILABLE.
+                return FailedPrecondition(
                     f"adapter {aid!r}: hub offline mode (HF_HUB_OFFLINE) is on and {what} is not in the "
                     f"hub cache {self._cache_dir()}",
                     field="adapter",

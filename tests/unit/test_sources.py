@@ -219,10 +219,10 @@ def test_hub_offline_resolves_branches_tags_and_commits(hub_cache: Path, adapter
 
 
 @pytest.mark.usefixtures("offline")
-def test_hub_offline_not_cached_is_unavailable(hub_cache: Path) -> None:
+def test_hub_offline_not_cached_is_failed_precondition(hub_cache: Path) -> None:
     resolver = SourceResolver(None, hub_cache_dir=hub_cache)
     for ref in (AdapterRef("org/other"), AdapterRef("org/name@dev"), AdapterRef(f"org/name@{'3' * 40}")):
-        with pytest.raises(Unavailable, match="offline") as info:
+        with pytest.raises(FailedPrecondition, match="offline") as info:
             resolver.resolve(ref, field="spec.adapters[0].id")
         assert repr(ref.id) in info.value.message and info.value.field == "spec.adapters[0].id"
 
