@@ -20,6 +20,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -179,7 +180,7 @@ class AdapterRegistry:
                     self._fetch_and_register(spec, fingerprint, deadline, field_namer)
                 )
                 self._inflight[fingerprint] = task
-                task.add_done_callback(lambda _t, fp=fingerprint: self._inflight.pop(fp, None))
+                task.add_done_callback(partial(self._fetch_done, fingerprint))
                 self._count("fetched")
             else:
                 self._count("joined")
@@ -219,6 +220,11 @@ class AdapterRegistry:
         self._by_key.clear()
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _fetch_done(self, fingerprint: str, task: asyncio.Task[Usage]) -> None:
+        self._inflight.pop(fingerprint, None)
+        if not task.cancelled():
+            task.exception()  # retrieved here: every waiter may have gone away before it failed
 
     def _lease(self, usage: Usage) -> Lease:
         entry = usage.entry

@@ -1,0 +1,136 @@
+"""The inference service's merge client against a scripted MergeService on a loopback grpc.aio server:
+retry with back-off while unavailable, resume of a broken stream, error mapping, give-up at the deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import socket
+import time
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+from loramerge.v1 import merge_pb2 as M
+from loramerge.v1 import merge_pb2_grpc
+
+from inference_service.merge_client import MergeClient, backoff_delays
+from inference_service.receiver import AdapterLimits, AdapterWriter
+from inference_service.settings import MergeClientSettings
+from inference_service.specs import single_adapter_field
+from loramerge_common.errors import DeadlineExceeded, FailedPrecondition, NotFound, Unavailable, to_rpc_status
+
+DATA = bytes(range(256)) * 40
+LIMITS = AdapterLimits(base_model="base", max_rank=16, max_bytes=1 << 20)
+HEADER = dict(
+    merge_key="k",
+    adapter_config_json=json.dumps({"r": 4, "base_model_name_or_path": "base"}),
+    total_bytes=len(DATA),
+    sha256=hashlib.sha256(DATA).hexdigest(),
+    rank=4,
+    base_model="base",
+)
+
+
+class Scripted(merge_pb2_grpc.MergeServiceServicer):
+    """Fails the first ``unavailable`` calls, breaks the first stream after ``break_after`` bytes."""
+
+    def __init__(self, unavailable: int = 0, break_after: int | None = None, error=None) -> None:
+        self.unavailable = unavailable
+        self.break_after = break_after
+        self.error = error
+        self.requests: list[M.MergeRequest] = []
+
+    async def Merge(self, request, context):
+        self.requests.append(request)
+        if self.error is not None:
+            await context.abort_with_status(to_rpc_status(self.error))
+        if self.unavailable > 0:
+            self.unavailable -= 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
+        offset = request.resume_offset
+        yield M.MergeChunk(header=M.MergeHeader(offset=offset, **HEADER))
+        for start in range(offset, len(DATA), 1000):
+            if self.break_after is not None and start >= self.break_after:
+                self.break_after = None
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
+            yield M.MergeChunk(data=M.DataChunk(offset=start, data=DATA[start : start + 1000]))
+        yield M.MergeChunk(trailer=M.MergeTrailer(total_bytes=len(DATA), sha256=HEADER["sha256"]))
+
+
+async def fetch(servicer: Scripted | None, tmp_path: Path, timeout: float = 10, **spec_kw):
+    server = grpc.aio.server()
+    merge_pb2_grpc.add_MergeServiceServicer_to_server(servicer or Scripted(), server)
+    if servicer is None:  # nobody listens: connections are refused
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    else:
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+    settings = MergeClientSettings(
+        merge_service=f"127.0.0.1:{port}", merge_retry_initial_seconds=0.05, merge_retry_max_seconds=0.2
+    )
+    client = MergeClient(settings)
+    writer = AdapterWriter(tmp_path / "out", LIMITS)
+    try:
+        return await client.fetch(
+            M.MergeSpec(adapters=[M.AdapterRef(id="a")]),
+            writer,
+            deadline=time.monotonic() + timeout,
+            **spec_kw,
+        )
+    finally:
+        await client.close()
+        await server.stop(0)
+
+
+def test_retries_while_unavailable_then_succeeds(tmp_path):
+    servicer = Scripted(unavailable=3)
+    got = asyncio.run(fetch(servicer, tmp_path))
+    assert got.attempts == 4 and got.resumed == 0
+    assert (tmp_path / "out" / "adapter_model.safetensors").read_bytes() == DATA
+
+
+def test_a_broken_stream_resumes_from_the_last_byte(tmp_path):
+    servicer = Scripted(break_after=4000)
+    got = asyncio.run(fetch(servicer, tmp_path))
+    assert got.resumed == 1
+    assert [r.resume_offset for r in servicer.requests] == [0, 4000]
+    assert servicer.requests[1].expected_merge_key == "k"
+    assert (tmp_path / "out" / "adapter_model.safetensors").read_bytes() == DATA
+
+
+def test_gives_up_with_unavailable_at_the_deadline(tmp_path):
+    t0 = time.monotonic()
+    with pytest.raises(Unavailable, match=r"merge service 127\.0\.0\.1:\d+ unavailable: \d+ attempt"):
+        asyncio.run(fetch(None, tmp_path, timeout=1.0))
+    assert time.monotonic() - t0 < 3
+
+
+def test_domain_errors_keep_their_code_and_name_our_fields(tmp_path):
+    err = NotFound("adapter 'zz' not found under the adapter root", field="spec.adapters[0].id")
+    with pytest.raises(NotFound) as info:
+        asyncio.run(fetch(Scripted(error=err), tmp_path, field_namer=single_adapter_field))
+    assert info.value.field == "adapter_id" and "merge service: adapter 'zz' not found" in info.value.message
+    err = FailedPrecondition("spec.target_rank 32 exceeds max_rank 16", field="spec.target_rank")
+    with pytest.raises(FailedPrecondition, match=r"merged_adapters\.target_rank 32") as info:
+        asyncio.run(fetch(Scripted(error=err), tmp_path))
+    assert info.value.field == "merged_adapters.target_rank"
+
+
+def test_deadline_exceeded_from_the_server_is_reported_as_such(tmp_path):
+    class Slow(Scripted):
+        async def Merge(self, request, context):
+            await asyncio.sleep(5)
+            yield M.MergeChunk()
+
+    with pytest.raises(DeadlineExceeded, match="before the deadline"):
+        asyncio.run(fetch(Slow(), tmp_path, timeout=0.5))
+
+
+def test_backoff_doubles_up_to_the_cap():
+    delay = backoff_delays(0.1, 0.5)
+    assert [round(delay(), 3) for _ in range(5)] == [0.1, 0.2, 0.4, 0.5, 0.5]

@@ -1,0 +1,246 @@
+"""The adapter registry with a fake engine and a fake merge service: single flight, LRU, leases.
+
+The real engine and merge service are exercised in tests/e2e/test_inference_e2e.py; here the
+point is the bookkeeping: what is fetched, registered, evicted and removed from disk, and when.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from loramerge.v1 import merge_pb2 as M
+from prometheus_client import CollectorRegistry
+
+from inference_service.merge_client import Fetched
+from inference_service.metrics import InferenceMetrics
+from inference_service.receiver import AdapterLimits, AdapterWriter, Received
+from inference_service.registry import AdapterRegistry
+from loramerge_common.errors import InvalidArgument, Unavailable
+from loramerge_common.metrics import sample_value
+
+LIMITS = AdapterLimits(base_model="base", max_rank=16, max_bytes=10_000)
+
+
+class FakeEngine:
+    def __init__(self) -> None:
+        self.loaded: dict[int, Path] = {}
+        self.reject: set[str] = set()  # merge keys whose add_lora fails
+
+    async def add_lora(self, name: str, lora_int_id: int, path: Path) -> None:
+        assert lora_int_id not in self.loaded, "lora_int_id reused"
+        assert (path / "adapter_model.safetensors").exists()
+        if any(name.startswith(k[:16]) for k in self.reject):
+            raise InvalidArgument(f"vLLM rejected adapter {name}: bad tensors", field="adapter")
+        self.loaded[lora_int_id] = path
+
+    async def remove_lora(self, lora_int_id: int) -> None:
+        self.loaded.pop(lora_int_id)
+
+
+class FakeMergeService:
+    """Streams a tiny adapter whose merge key is the first adapter id (or what ``keys`` maps it to)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.gate: asyncio.Event | None = None
+        self.fail_with: Exception | None = None
+        self.keys: dict[str, str] = {}
+
+    async def fetch(
+        self, spec: M.MergeSpec, writer: AdapterWriter, *, deadline: float, field_namer=None
+    ) -> Fetched:
+        self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail_with is not None:
+            raise self.fail_with
+        key = self.keys.get(spec.adapters[0].id, spec.adapters[0].id)
+        data = key.encode() * 10
+        writer.start(
+            M.MergeHeader(
+                merge_key=key,
+                adapter_config_json=json.dumps({"r": 4, "base_model_name_or_path": "base"}),
+                total_bytes=len(data),
+                sha256=hashlib.sha256(data).hexdigest(),
+                base_model="base",
+                rank=4,
+            )
+        )
+        writer.write(M.DataChunk(offset=0, data=data))
+        writer.finish(None)
+        assert writer.header is not None
+        received = Received(writer.header, writer.config, writer.directory, len(data), 1.0, 2.0)
+        return Fetched(received=received, attempts=1, resumed=0)
+
+
+def spec(name: str, weight: float = 1.0) -> M.MergeSpec:
+    return M.MergeSpec(adapters=[M.AdapterRef(id=name, weight=weight)])
+
+
+def make(tmp_path: Path, max_loaded: int = 3):
+    engine, merges = FakeEngine(), FakeMergeService()
+    metrics = InferenceMetrics(CollectorRegistry())
+    registry = AdapterRegistry(
+        engine,
+        merges,
+        adapter_dir=tmp_path / "adapters",
+        limits=LIMITS,
+        max_loaded=max_loaded,
+        metrics=metrics,
+    )
+    return registry, engine, merges, metrics
+
+
+def folders(registry: AdapterRegistry) -> int:
+    return len(list(registry.adapter_dir.iterdir()))
+
+
+def lookups(metrics: InferenceMetrics, result: str) -> float:
+    return sample_value(metrics.registry, "loramerge_inference_adapter_lookups_total", {"result": result})
+
+
+def test_concurrent_requests_for_a_new_spec_share_one_fetch(tmp_path):
+    async def main():
+        registry, engine, merges, metrics = make(tmp_path)
+        merges.gate = asyncio.Event()
+        waiters = [asyncio.create_task(registry.for_spec(spec("a"))) for _ in range(5)]
+        await asyncio.sleep(0.01)
+        merges.gate.set()
+        leases = await asyncio.gather(*waiters)
+        assert merges.calls == 1 and len(engine.loaded) == 1
+        assert {lease.usage.entry.lora_int_id for lease in leases} == {2}
+        assert lookups(metrics, "fetched") == 1 and lookups(metrics, "joined") == 4
+        for lease in leases:
+            await lease.__aexit__(None, None, None)
+        async with await registry.for_spec(spec("a")) as usage:  # repeated: no fetch
+            assert usage.already_loaded and merges.calls == 1
+        assert lookups(metrics, "loaded") == 1
+
+    asyncio.run(main())
+
+
+def test_a_caller_going_away_does_not_cancel_the_shared_fetch(tmp_path):
+    async def main():
+        registry, engine, merges, _ = make(tmp_path)
+        merges.gate = asyncio.Event()
+        first = asyncio.create_task(registry.for_spec(spec("a")))
+        second = asyncio.create_task(registry.for_spec(spec("a")))
+        await asyncio.sleep(0.01)
+        first.cancel()
+        merges.gate.set()
+        lease = await second
+        assert lease.usage.entry.merge_key == "a" and merges.calls == 1 and len(engine.loaded) == 1
+
+    asyncio.run(main())
+
+
+def test_least_recently_used_idle_adapters_are_evicted_from_engine_and_disk(tmp_path):
+    async def main():
+        registry, engine, _, metrics = make(tmp_path, max_loaded=2)
+        for name in ("a", "b"):
+            async with await registry.for_spec(spec(name)):
+                pass
+        async with await registry.for_spec(spec("a")):  # a is now the most recently used
+            pass
+        held = await registry.for_spec(spec("b"))  # b is in use: never evicted
+        async with await registry.for_spec(spec("c")):
+            pass
+        assert {e.merge_key for e in registry.entries()} == {"b", "c"}
+        assert len(engine.loaded) == 2 and folders(registry) == 2
+        assert (
+            sample_value(metrics.registry, "loramerge_inference_adapter_evictions_total", {"reason": "lru"})
+            == 1
+        )
+        await held.__aexit__(None, None, None)
+
+    asyncio.run(main())
+
+
+def test_adapters_in_use_are_kept_even_over_the_bound(tmp_path):
+    async def main():
+        registry, engine, _, _ = make(tmp_path, max_loaded=1)
+        held = await registry.for_spec(spec("a"))
+        async with await registry.for_spec(spec("b")):
+            assert {e.merge_key for e in registry.entries()} == {"a", "b"}
+        await held.__aexit__(None, None, None)
+        async with await registry.for_spec(spec("c")):
+            pass
+        assert [e.merge_key for e in registry.entries()] == ["c"] and len(engine.loaded) == 1
+
+    asyncio.run(main())
+
+
+def test_unload_while_in_use_waits_for_the_last_request(tmp_path):
+    async def main():
+        registry, engine, _, _ = make(tmp_path)
+        lease = await registry.for_spec(spec("a"))
+        assert await registry.unload(merge_key="a")
+        assert registry.entries() == [] and len(engine.loaded) == 1 and folders(registry) == 1
+        await lease.__aexit__(None, None, None)
+        assert engine.loaded == {} and folders(registry) == 0
+        assert not await registry.unload(merge_key="a")
+
+    asyncio.run(main())
+
+
+def test_a_rejected_adapter_leaves_nothing_behind_and_evicts_nothing(tmp_path):
+    async def main():
+        registry, engine, merges, _ = make(tmp_path, max_loaded=1)
+        async with await registry.for_spec(spec("a")):
+            pass
+        engine.reject.add("bad")
+        with pytest.raises(InvalidArgument, match="bad tensors"):
+            await registry.for_spec(spec("bad"))
+        assert [e.merge_key for e in registry.entries()] == ["a"] and folders(registry) == 1
+        merges.fail_with = Unavailable("merge service down")
+        with pytest.raises(Unavailable):
+            await registry.for_spec(spec("other"))
+        assert folders(registry) == 1
+        merges.fail_with = None
+        async with await registry.for_spec(spec("other")) as usage:  # a failed fetch is not remembered
+            assert not usage.already_loaded
+
+    asyncio.run(main())
+
+
+def test_two_spellings_of_one_merge_share_one_adapter(tmp_path):
+    async def main():
+        registry, engine, merges, _ = make(tmp_path)
+        merges.keys = {"x": "same", "y": "same"}
+        async with await registry.for_spec(spec("x")) as first:
+            pass
+        async with await registry.for_spec(spec("y")) as second:
+            pass
+        assert merges.calls == 2 and len(engine.loaded) == 1 and folders(registry) == 1
+        assert second.already_loaded and second.entry is first.entry
+
+    asyncio.run(main())
+
+
+def test_lora_int_ids_are_never_reused(tmp_path):
+    async def main():
+        registry, _, _, _ = make(tmp_path, max_loaded=1)
+        ids = []
+        for name in ("a", "b", "a", "b"):
+            async with await registry.for_spec(spec(name)) as usage:
+                ids.append(usage.entry.lora_int_id)
+        assert len(set(ids)) == 4
+
+    asyncio.run(main())
+
+
+def test_merge_key_lookups(tmp_path):
+    async def main():
+        registry, *_ = make(tmp_path)
+        async with await registry.for_spec(spec("a")):
+            pass
+        async with registry.for_key("a") as usage:
+            assert usage.already_loaded
+        with pytest.raises(Exception, match="merge_key 'zzz' is not loaded"):
+            registry.for_key("zzz")
+
+    asyncio.run(main())
