@@ -26,3 +26,29 @@ def adapter_root(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> 
     make_adapter(root / "e", tiny_llama, r=8, alpha=32, seed=5)
     make_adapter(root / "d", tiny_llama, r=8, alpha=16, seed=4, base_model_name="other/base-model")
     return root
+
+
+@pytest.fixture(scope="session")
+def hardened_stack(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, adapter_root: Path):
+    """Merge service (mTLS, bearer token, disk cache, small request limits) and inference service (TLS,
+    bearer token, at most 3 adapters loaded) as processes, joined through a steerable TCP proxy over
+    mutual TLS; see tests/faults/stack.py. Tests marked ``stops_hardened_stack`` run last."""
+    from tests.faults.stack import Stack, default_limits, stack_adapter_root
+
+    root = tmp_path_factory.mktemp("hardened-stack")
+    adapters = stack_adapter_root(adapter_root, root / "adapters", tiny_llama)
+    stack = Stack.start(root, tiny_llama, adapters, limits=default_limits(adapter_root))
+    try:
+        yield stack
+    finally:
+        stack.close()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "stops_hardened_stack: stops a hardened_stack service; runs after every other test"
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.get_closest_marker("stops_hardened_stack") is not None)
