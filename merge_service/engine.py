@@ -7,6 +7,11 @@ task vector is ΔW_i = s_i·B_i·A_i. An adapter without the module contributes 
   rank Σ r_i; a smaller rank compresses it (QR + small SVD, ``factorize.compress_factors``).
 - delta space, other strategies: the dense ΔW_i are merged by the strategy and factored back to the
   requested rank (truncated SVD, ``factorize.truncate_dense``); the error is reported per module.
+  The dense merge runs over row blocks of about a megabyte per adapter (``dense_merge``): each block
+  of ΔW_i is recomputed from the factors (r multiply-adds per entry), pruned, combined, written once
+  into the merged matrix and multiplied into the SVD's random sketch while it is still in cache. No
+  d_out×d_in matrix per adapter is ever held; magnitude thresholds come from a sampled band and an
+  exact order statistic inside it.
 - factors space (as LoRAX does): B' = strategy(s_i·B_i), A' = strategy(A_i) with the same weights;
   needs equal ranks. (Σ w B)(Σ w A) has cross terms and scales one adapter by w², so its reported
   error is the distance from the exact weighted sum Σ w_i ΔW_i.
@@ -20,9 +25,23 @@ from dataclasses import dataclass
 
 import torch
 
-from merge_service.factorize import Factors, compress_factors, truncate_dense
+from merge_service.factorize import Factors, compress_factors, gaussian_sketch, sketch_width, truncate_dense
 from merge_service.spec import Space
-from merge_service.strategies import MergeParams, StrategyDef, tensor_seed
+from merge_service.strategies import (
+    MaskStream,
+    MergeParams,
+    StrategyDef,
+    disjoint_merge,
+    keep_count,
+    majority_sign,
+    tensor_seed,
+    weighted_sum,
+)
+
+# Elements per adapter per row block on the CPU (1 MiB of float32): blocks stay in cache.
+BLOCK_ELEMENTS = 1 << 18
+# Entries sampled to bracket a magnitude threshold before the exact pass.
+THRESHOLD_SAMPLE = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -76,6 +95,7 @@ def merge_module(
     params: MergeParams,
     space: Space,
     rank: int,
+    workspace: Workspace | None = None,
 ) -> ModuleResult:
     """Merge one module. ``parts[i]`` is adapter i's factors (None when it lacks the module), ``keys[i]``
     a stable label for adapter i (content digest) that seeds its random masks; ``rank`` is the largest
@@ -89,12 +109,151 @@ def merge_module(
         B, A = linear_factors(present, w)
         f = compress_factors(B, A, rank)
         return ModuleResult(f.B, f.A, f.rank, f.relative_error)
-    dense = [delta_dense(p) for p in present]
     seeds = [tensor_seed(params.seed, module, key, "delta") for key in k]
-    merged = strategy.fn(dense, w, params, seeds)
-    del dense
-    f = truncate_dense(merged, rank, seed=tensor_seed(0, module, "svd"))
+    d_out, d_in = present[0].B.shape[0], present[0].A.shape[1]
+    svd_seed = tensor_seed(0, module, "svd")
+    width = sketch_width(d_out, d_in, rank)
+    omega = gaussian_sketch(d_in, width, svd_seed, present[0].A.device) if width else None
+    merged, total_sq, y = dense_merge(present, w, strategy, params, seeds, omega=omega, out=workspace)
+    f = truncate_dense(
+        merged, rank, seed=svd_seed, sketch=(omega, y) if omega is not None else None, total_sq=total_sq
+    )
     return ModuleResult(f.B, f.A, f.rank, f.relative_error)
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Keep |x| > value, plus the first ``ties`` entries (row-major) with |x| == value."""
+
+    value: float
+    ties: int
+
+
+def row_blocks(d_out: int, d_in: int, device: torch.device) -> list[tuple[int, int]]:
+    """Row ranges of about BLOCK_ELEMENTS entries on the CPU; one block on an accelerator."""
+    rows = d_out if device.type != "cpu" else max(1, BLOCK_ELEMENTS // d_in)
+    return [(r, min(r + rows, d_out)) for r in range(0, d_out, rows)]
+
+
+def _exact_threshold(mag: torch.Tensor, k: int) -> Threshold:
+    n = mag.numel()
+    v = torch.kthvalue(mag.reshape(-1), n - k + 1).values
+    return Threshold(float(v), k - int((mag > v).sum()))
+
+
+def magnitude_threshold(
+    bs: torch.Tensor, a: torch.Tensor, density: float, seed: int, blocks: list[tuple[int, int]]
+) -> Threshold | None:
+    """The threshold that keeps exactly k = floor(density·n) entries of |Bs·A| (None: keep all).
+
+    A sample of entries brackets the k-th largest magnitude in a band [lo, hi] a few standard errors
+    wide; one blocked pass counts the entries above the band and collects those inside it, and the
+    exact order statistic is taken within the band. A band that misses it falls back to the full sort.
+    """
+    d_out, d_in = bs.shape[0], a.shape[1]
+    n = d_out * d_in
+    k = keep_count(n, density)
+    if k >= n:
+        return None
+    if k == 0:
+        return Threshold(math.inf, 0)
+    if n <= 4 * THRESHOLD_SAMPLE or len(blocks) == 1:
+        return _exact_threshold((bs @ a).abs(), k)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    idx = torch.randint(0, n, (THRESHOLD_SAMPLE,), generator=gen).to(bs.device)
+    sample = (bs[idx // d_in] * a[:, idx % d_in].T).sum(dim=1).abs()
+    q = 1.0 - k / n
+    margin = 6.0 * math.sqrt(q * (1.0 - q) / THRESHOLD_SAMPLE) + 2.0 / THRESHOLD_SAMPLE
+    lo = float(torch.quantile(sample, q - margin)) if q - margin > 0 else -1.0
+    hi = float(torch.quantile(sample, q + margin)) if q + margin < 1 else math.inf
+    above = 0
+    band: list[torch.Tensor] = []
+    for r0, r1 in blocks:
+        mag = (bs[r0:r1] @ a).abs_()
+        above += int((mag > hi).sum())
+        band.append(mag[(mag > lo) & (mag <= hi)])
+    inside = torch.cat(band)
+    need = k - above
+    if not 0 < need <= inside.numel():
+        return _exact_threshold((bs @ a).abs(), k)
+    v = torch.kthvalue(inside, inside.numel() - need + 1).values
+    return Threshold(float(v), k - above - int((inside > v).sum()))
+
+
+def dense_merge(
+    parts: Sequence[Part],
+    weights: Sequence[float],
+    strategy: StrategyDef,
+    params: MergeParams,
+    seeds: Sequence[int],
+    *,
+    omega: torch.Tensor | None = None,
+    out: Workspace | None = None,
+) -> tuple[torch.Tensor, float, torch.Tensor | None]:
+    """strategy(ΔW_1..ΔW_n) as a dense matrix, with ‖·‖² and (when ``omega`` is given) the sketch M·Ω.
+
+    Equal, entry for entry, to ``strategy.fn`` applied to the dense ΔW_i = (s_i·B_i)·A_i: the same
+    thresholds, the same mask streams, the same order of operations per entry.
+    """
+    bs = [p.B * p.scale for p in parts]
+    d_out, d_in = bs[0].shape[0], parts[0].A.shape[1]
+    device = bs[0].device
+    blocks = row_blocks(d_out, d_in, device)
+    density = params.density
+    thresholds: list[Threshold | None] = [None] * len(parts)
+    streams: list[MaskStream | None] = [None] * len(parts)
+    if strategy.prune == "magnitude":
+        thresholds = [
+            magnitude_threshold(b, p.A, density, seed, blocks)
+            for b, p, seed in zip(bs, parts, seeds, strict=True)
+        ]
+    elif strategy.prune == "random" and density < 1.0:
+        streams = [MaskStream(seed, density) for seed in seeds]
+    ties_left = [t.ties if t is not None else 0 for t in thresholds]
+    merged = out.matrix(d_out, d_in, device) if out is not None else torch.empty(d_out, d_in, device=device)
+    y = torch.empty(d_out, omega.shape[1], device=device) if omega is not None else None
+    total_sq = 0.0
+    for r0, r1 in blocks:
+        pruned = []
+        for i, (b, p) in enumerate(zip(bs, parts, strict=True)):
+            d = b[r0:r1] @ p.A
+            th, stream = thresholds[i], streams[i]
+            if th is not None:
+                mag = d.abs()
+                keep = mag > th.value
+                if ties_left[i] > 0:
+                    eq = torch.nonzero((mag == th.value).reshape(-1)).squeeze(1)[: ties_left[i]]
+                    keep.view(-1)[eq] = True
+                    ties_left[i] -= eq.numel()
+                d.mul_(keep)
+            elif stream is not None:
+                d.mul_(stream.take(d.numel()).view(d.shape).to(device)).div_(density)
+            pruned.append(d)
+        if strategy.combine == "sum":
+            block = weighted_sum(pruned, weights)
+        else:
+            stacked = torch.stack(pruned)
+            w = torch.tensor(list(weights), dtype=stacked.dtype, device=device)
+            block = disjoint_merge(stacked, w, majority_sign(stacked, params.sign_method))
+        merged[r0:r1] = block
+        total_sq += float(torch.linalg.vector_norm(block, dtype=torch.float64)) ** 2
+        if y is not None:
+            torch.matmul(block, omega, out=y[r0:r1])
+    return merged, total_sq, y
+
+
+class Workspace:
+    """One reusable buffer for the merged dense matrix of each module: fresh multi-megabyte
+    allocations are page-faulted in on every use, a reused one is not."""
+
+    def __init__(self) -> None:
+        self._buf: torch.Tensor | None = None
+
+    def matrix(self, d_out: int, d_in: int, device: torch.device) -> torch.Tensor:
+        n = d_out * d_in
+        if self._buf is None or self._buf.numel() < n or self._buf.device != device:
+            self._buf = torch.empty(n, device=device)
+        return self._buf[:n].view(d_out, d_in)
 
 
 def _merge_factors(

@@ -65,19 +65,37 @@ def compress_factors(B: torch.Tensor, A: torch.Tensor, k: int) -> Factors:
     return Factors(bk.to(B.dtype).contiguous(), ak.to(A.dtype).contiguous(), relative_tail(s, k))
 
 
-def _randomized_svd(
-    m: torch.Tensor, k: int, *, oversample: int, power_iters: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rank-(k+p) range finder with power iterations, then an exact SVD of the small projection.
+DEFAULT_POWER_ITERS = 2
 
-    Y = (M Mᵀ)^q M Ω with QR between products for stability; Q = orth(Y); Q ᵀM = Ũ S Vᵀ; U = Q Ũ.
-    Ω is drawn on the CPU from ``seed`` so every device starts from the same sketch.
-    """
-    d_out, d_in = m.shape
-    ell = min(k + oversample, d_out, d_in)
+
+def sketch_width(d_out: int, d_in: int, k: int, oversample: int | None = None) -> int | None:
+    """Columns ℓ = k + p of the random sketch when a randomized SVD pays (ℓ well below min(d_out, d_in)),
+    else None (exact SVD, or no SVD at all when k ≥ min(d_out, d_in))."""
+    p = max(10, k) if oversample is None else oversample
+    small = min(d_out, d_in)
+    return k + p if k < small and (k + p) * 4 <= small else None
+
+
+def gaussian_sketch(d_in: int, width: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Ω (d_in × width) of N(0, 1) draws, made on the CPU from ``seed``: every device gets the same sketch."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    omega = torch.randn(d_in, ell, generator=gen, dtype=m.dtype).to(m.device)
-    q, _ = torch.linalg.qr(m @ omega)
+    return torch.randn(d_in, width, generator=gen).to(device)
+
+
+def randomized_svd(
+    m: torch.Tensor,
+    k: int,
+    omega: torch.Tensor,
+    *,
+    power_iters: int = DEFAULT_POWER_ITERS,
+    y: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Range finder with power iterations, then an exact SVD of the small projection (Halko et al.).
+
+    Y = M Ω (``y`` when the caller already has it); q times: Q = orth(Mᵀ orth(Y)) … with QR between
+    products for stability; QᵀM = Ũ S Vᵀ; U = Q Ũ.
+    """
+    q, _ = torch.linalg.qr(m @ omega if y is None else y)
     for _ in range(power_iters):
         z, _ = torch.linalg.qr(m.T @ q)
         q, _ = torch.linalg.qr(m @ z)
@@ -91,26 +109,31 @@ def truncate_dense(
     *,
     seed: int = 0,
     oversample: int | None = None,
-    power_iters: int = 2,
+    power_iters: int = DEFAULT_POWER_ITERS,
     randomized: bool | None = None,
+    sketch: tuple[torch.Tensor, torch.Tensor] | None = None,
+    total_sq: float | None = None,
 ) -> Factors:
     """Factor a dense d_out×d_in matrix into rank k.
 
-    k ≥ min(d_out, d_in) is exact with no SVD at all: B = M, A = I (or B = I, A = M).
-    Otherwise the SVD is randomized when k + oversample is well below min(d_out, d_in) (the error of the
-    k kept directions is then within a hair of the optimum; see the benchmark), and exact otherwise.
+    k ≥ min(d_out, d_in) is exact with no SVD at all: B = M, A = I (or B = I, A = M); M is copied.
+    Otherwise the SVD is randomized when the sketch is well below min(d_out, d_in) (the error is then
+    within a hair of the optimum; see the benchmark), and exact otherwise. ``sketch`` = (Ω, MΩ) and
+    ``total_sq`` = ‖M‖² let a caller that streamed M block by block skip those passes.
     """
     d_out, d_in = m.shape
     if k >= d_in and d_in <= d_out:
         return Factors(m.clone(), torch.eye(d_in, dtype=m.dtype, device=m.device), 0.0)
     if k >= d_out:
         return Factors(torch.eye(d_out, dtype=m.dtype, device=m.device), m.clone(), 0.0)
-    total_sq = float(m.double().square().sum()) if m.dtype != torch.float64 else float(m.square().sum())
-    p = max(10, k) if oversample is None else oversample
-    if randomized is None:
-        randomized = (k + p) * 4 <= min(d_out, d_in)
-    if randomized:
-        u, s, vh = _randomized_svd(m, k, oversample=p, power_iters=power_iters, seed=seed)
+    if total_sq is None:
+        total_sq = float(torch.linalg.vector_norm(m, dtype=torch.float64)) ** 2
+    width = sketch_width(d_out, d_in, k, oversample)
+    if randomized is not None:
+        width = (width or min(k + max(10, k), d_out, d_in)) if randomized else None
+    if sketch is not None or width is not None:
+        omega, y = sketch if sketch is not None else (gaussian_sketch(d_in, width, seed, m.device), None)
+        u, s, vh = randomized_svd(m, k, omega, power_iters=power_iters, y=y)
     else:
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
     bk, ak = _split(u, s, vh, k)

@@ -33,7 +33,7 @@ from merge_service.adapter import (
     read_config,
     read_safetensors_header,
 )
-from merge_service.engine import Part, merge_module, pad_rank
+from merge_service.engine import Part, Workspace, merge_module, pad_rank
 from merge_service.identity import ALGORITHM_VERSION, canonical, derived_seed, encode, merge_key
 from merge_service.output import (
     SIDECAR_FILE,
@@ -325,6 +325,7 @@ class Merger:
             seed=spec.seed or 0,
         )
         out_dtype = TORCH_DTYPES[spec.dtype]
+        workspace = Workspace()
         tensors: dict[str, torch.Tensor] = {}
         stats: list[ModuleStat] = []
         for n, shape in enumerate(plan.modules):
@@ -335,7 +336,7 @@ class Merger:
             self._check_loaded(shape, parts, adapters)
             with torch.no_grad():
                 result = merge_module(
-                    shape.name, parts, weights, keys, strategy, params, spec.space, plan.rank
+                    shape.name, parts, weights, keys, strategy, params, spec.space, plan.rank, workspace
                 )
                 B, A = pad_rank(result, plan.rank)
             name_a, name_b = tensor_names(shape.name)

@@ -11,8 +11,14 @@ Semantics (as in PEFT's merge_utils, with DARE rescaled and seeded):
   a tie (0) counts as +.
 - disjoint merge: Σ w_i P_i·m_i / max(1, Σ m_i), with m_i = [sign(P_i) == majority sign]; zeros never agree.
 
-Random masks are drawn on the CPU from torch's Mersenne Twister seeded per tensor (see
-``tensor_seed``), then moved to the tensor's device, so CPU and CUDA merges draw identical masks.
+Random masks come from a counter-free, versioned bit stream: numpy's SFC64 generator seeded per
+tensor (``tensor_seed``), one raw 64-bit draw per element in row-major order, kept when below
+density·2⁶⁴. Raw SFC64 output is part of numpy's stability guarantee (unlike its distributions and
+torch's generators), the stream can be consumed in blocks of any size with the same result, and it
+runs on the CPU whatever the device: CPU and CUDA merges draw identical masks.
+
+Each strategy is a prune step (none, magnitude, random) and a combine step (weighted sum, or TIES'
+sign election with disjoint mean); the blocked dense engine reads those two declarations.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from merge_service.spec import SignMethod, Strategy
@@ -46,8 +53,14 @@ class StrategyDef:
     name: str
     fn: MergeFn
     params: frozenset[str]  # request parameters read: "density", "sign_method", "seed"
-    linear: bool  # Σ w_i T_i exactly: delta space may merge by rank concatenation
+    prune: str  # "none" | "magnitude" | "random"
+    combine: str  # "sum" (Σ w_i P_i) | "disjoint" (TIES sign election + disjoint mean)
     doc: str
+
+    @property
+    def linear(self) -> bool:
+        """Σ w_i T_i exactly: delta space may merge by rank concatenation, no dense matrix."""
+        return self.prune == "none" and self.combine == "sum"
 
     @property
     def uses_density(self) -> bool:
@@ -65,9 +78,13 @@ class StrategyDef:
 REGISTRY: dict[str, StrategyDef] = {}
 
 
-def register(name: str, *, params: Sequence[str] = (), linear: bool = False) -> Callable[[MergeFn], MergeFn]:
+def register(
+    name: str, *, params: Sequence[str] = (), prune: str = "none", combine: str = "sum"
+) -> Callable[[MergeFn], MergeFn]:
+    assert prune in ("none", "magnitude", "random") and combine in ("sum", "disjoint")
+
     def deco(fn: MergeFn) -> MergeFn:
-        REGISTRY[name] = StrategyDef(name, fn, frozenset(params), linear, (fn.__doc__ or "").strip())
+        REGISTRY[name] = StrategyDef(name, fn, frozenset(params), prune, combine, (fn.__doc__ or "").strip())
         return fn
 
     return deco
@@ -118,13 +135,28 @@ def tensor_seed(seed: int, *labels: object) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
 
 
+class MaskStream:
+    """Bernoulli(density) decisions for consecutive elements of one tensor, in row-major order.
+
+    Element j is kept when the j-th raw 64-bit output of SFC64(seed) is below floor(density·2⁶⁴);
+    ``take(n)`` continues where the last call stopped, so any blocking yields the same mask.
+    """
+
+    def __init__(self, seed: int, density: float) -> None:
+        self._bits = np.random.SFC64(seed)
+        self._threshold = np.uint64(min(math.floor(density * 2.0**64), 2**64 - 1))
+
+    def take(self, n: int) -> torch.Tensor:
+        raw = self._bits.random_raw(n)
+        return torch.from_numpy(raw < self._threshold)
+
+
 def bernoulli_mask(
     shape: torch.Size | Sequence[int], density: float, seed: int, device: torch.device
 ) -> torch.Tensor:
-    """A bool mask with P(True) = density from a CPU Mersenne Twister seeded with ``seed``."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    mask = torch.rand(tuple(shape), generator=gen) < density
-    return mask.to(device)
+    """A bool mask of ``shape`` with P(True) = density, from ``MaskStream(seed, density)``."""
+    n = math.prod(shape)
+    return MaskStream(seed, density).take(n).reshape(tuple(shape)).to(device)
 
 
 def dare_prune_tensor(t: torch.Tensor, density: float, seed: int) -> torch.Tensor:
@@ -169,7 +201,7 @@ def _ties_merge(pruned: Sequence[torch.Tensor], weights: Sequence[float], method
 # Strategies
 
 
-@register("linear", linear=True)
+@register("linear")
 def linear(
     tensors: Sequence[torch.Tensor], weights: Sequence[float], params: MergeParams, seeds: Sequence[int]
 ) -> torch.Tensor:
@@ -177,7 +209,7 @@ def linear(
     return weighted_sum(tensors, weights)
 
 
-@register("magnitude_prune", params=("density",))
+@register("magnitude_prune", params=("density",), prune="magnitude")
 def magnitude_prune(
     tensors: Sequence[torch.Tensor], weights: Sequence[float], params: MergeParams, seeds: Sequence[int]
 ) -> torch.Tensor:
@@ -185,7 +217,7 @@ def magnitude_prune(
     return weighted_sum([magnitude_prune_tensor(t, params.density) for t in tensors], weights)
 
 
-@register("ties", params=("density", "sign_method"))
+@register("ties", params=("density", "sign_method"), prune="magnitude", combine="disjoint")
 def ties(
     tensors: Sequence[torch.Tensor], weights: Sequence[float], params: MergeParams, seeds: Sequence[int]
 ) -> torch.Tensor:
@@ -194,7 +226,7 @@ def ties(
     return _ties_merge(pruned, weights, params.sign_method)
 
 
-@register("dare_linear", params=("density", "seed"))
+@register("dare_linear", params=("density", "seed"), prune="random")
 def dare_linear(
     tensors: Sequence[torch.Tensor], weights: Sequence[float], params: MergeParams, seeds: Sequence[int]
 ) -> torch.Tensor:
@@ -203,7 +235,7 @@ def dare_linear(
     return weighted_sum(pruned, weights)
 
 
-@register("dare_ties", params=("density", "sign_method", "seed"))
+@register("dare_ties", params=("density", "sign_method", "seed"), prune="random", combine="disjoint")
 def dare_ties(
     tensors: Sequence[torch.Tensor], weights: Sequence[float], params: MergeParams, seeds: Sequence[int]
 ) -> torch.Tensor:

@@ -1,0 +1,89 @@
+"""The blocked dense engine equals the whole-tensor strategies, whatever the blocking."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from merge_service import engine, strategies
+from merge_service.engine import Part, dense_merge, magnitude_threshold, merge_module, row_blocks
+from merge_service.spec import SignMethod, Space
+from merge_service.strategies import MergeParams
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def parts(n: int = 3, d_out: int = 300, d_in: int = 200, seed: int = 0) -> list[Part]:
+    g = torch.Generator().manual_seed(seed)
+    ranks = [4, 8, 2, 6][:n]
+    return [
+        Part(A=torch.randn(r, d_in, generator=g), B=torch.randn(d_out, r, generator=g), scale=0.5 + i)
+        for i, r in enumerate(ranks)
+    ]
+
+
+@pytest.fixture
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many blocks and a sampled threshold even on small matrices."""
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 1000)
+    monkeypatch.setattr(engine, "THRESHOLD_SAMPLE", 512)
+
+
+@pytest.mark.parametrize("name", ["ties", "magnitude_prune", "dare_ties", "dare_linear"])
+@pytest.mark.parametrize("density", [0.07, 0.5, 1.0])
+def test_blocked_merge_equals_whole_tensor_strategy(small_blocks: None, name: str, density: float) -> None:
+    ps = parts()
+    assert len(row_blocks(300, 200, torch.device("cpu"))) == 60
+    strategy = strategies.get(name)
+    params = MergeParams(density=density, sign_method=SignMethod.FREQUENCY, seed=3)
+    seeds = [11, 12, 13]
+    weights = [0.5, -1.0, 2.0]
+    merged, total_sq, _ = dense_merge(ps, weights, strategy, params, seeds)
+    dense = [(p.B * p.scale) @ p.A for p in ps]
+    want = strategy.fn(dense, weights, params, seeds)
+    assert torch.equal(merged, want)
+    assert total_sq == pytest.approx(float(want.double().square().sum()), rel=1e-9)
+
+
+@pytest.mark.parametrize("density", [0.001, 0.2, 0.5, 0.93])
+def test_sampled_threshold_keeps_exactly_k(small_blocks: None, density: float) -> None:
+    (p,) = parts(1, seed=4)
+    blocks = row_blocks(300, 200, torch.device("cpu"))
+    th = magnitude_threshold(p.B * p.scale, p.A, density, seed=1, blocks=blocks)
+    mag = ((p.B * p.scale) @ p.A).abs()
+    k = int(density * mag.numel())
+    assert th is not None and int((mag > th.value).sum()) + th.ties == k
+    assert int((mag >= th.value).sum()) >= k
+
+
+def test_threshold_with_many_ties(small_blocks: None) -> None:
+    # rank-1 with a constant column factor: every row is one magnitude, repeated 200 times
+    p = Part(A=torch.ones(1, 200), B=torch.arange(300.0).reshape(300, 1), scale=1.0)
+    th = magnitude_threshold(p.B, p.A, 0.5, seed=1, blocks=row_blocks(300, 200, torch.device("cpu")))
+    assert th is not None and th.value == 150.0 and th.ties == 200
+    merged, _, _ = dense_merge([p], [1.0], strategies.get("magnitude_prune"), MergeParams(0.5), [0])
+    assert int((merged != 0).sum()) == 30000
+    assert torch.equal(merged, strategies.magnitude_prune_tensor(p.B @ p.A, 0.5))
+
+
+@pytest.mark.parametrize("space", [Space.DELTA, Space.FACTORS])
+def test_merge_module_sketch_gives_near_optimal_factors(space: Space) -> None:
+    ps = parts(3, d_out=400, d_in=300, seed=5)
+    if space == Space.FACTORS:
+        ps = [Part(p.A[:2], p.B[:, :2], p.scale) for p in ps]
+    strategy = strategies.get("ties")
+    params = MergeParams(density=0.3)
+    res = merge_module("m", ps, [1.0, 0.5, 0.8], ["x", "y", "z"], strategy, params, space, rank=8)
+    assert res.rank <= 8 and res.B.shape[1] == res.A.shape[0] == res.rank
+    if space == Space.DELTA:
+        dense = strategy.fn([(p.B * p.scale) @ p.A for p in ps], [1.0, 0.5, 0.8], params, [])
+        s = torch.linalg.svdvals(dense.double())
+        optimum = float((s[8:] ** 2).sum().sqrt() / (s**2).sum().sqrt())
+        got = float((dense.double() - res.B.double() @ res.A.double()).norm() / dense.double().norm())
+        assert got <= optimum * 1.01 and res.relative_error == pytest.approx(got, rel=1e-3)
