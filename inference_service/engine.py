@@ -6,10 +6,13 @@ whose start-up sits under ``if __name__ == "__main__":``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from loramerge.v1 import inference_pb2
 
 from inference_service.settings import KV_CACHE_CPU_DEFAULT, EngineSettings
 from inference_service.zero_adapter import ZERO_ADAPTER_NAME, write_zero_adapter
@@ -19,6 +22,16 @@ log = logging.getLogger(__name__)
 
 ZERO_ADAPTER_ID = 1  # lora_int_id of the all-zero base adapter; merged adapters get ids above it
 CPU_BLOCK_SIZE = 32  # vLLM's CPU attention needs KV blocks in multiples of 32
+
+
+_SAMPLING_FIELDS = frozenset(inference_pb2.SamplingParams.DESCRIPTOR.fields_by_name)
+
+
+def request_field(vllm_parameter: str | None) -> str:
+    """Our request field for a parameter vLLM names in a validation error."""
+    if vllm_parameter in _SAMPLING_FIELDS:
+        return f"sampling.{vllm_parameter}"
+    return "prompt"
 
 
 def has_gpu() -> bool:
@@ -135,20 +148,28 @@ class Engine:
         return LoRARequest(name, lora_int_id, str(path))
 
     async def generate(self, prompt: str, params, request_id: str, lora_request) -> AsyncIterator:
-        """vLLM's RequestOutput stream. Cancelling the consumer aborts the request inside vLLM."""
+        """vLLM's RequestOutput stream. Cancelling or closing the consumer aborts the request in vLLM."""
         from vllm.exceptions import VLLMClientError, VLLMValidationError
-        from vllm.v1.engine.exceptions import EngineDeadError
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
         self._raise_if_dead()
+        stream = self._llm.generate(prompt, params, request_id, lora_request=lora_request)
         try:
-            async for out in self._llm.generate(prompt, params, request_id, lora_request=lora_request):
-                yield out
+            async with contextlib.aclosing(stream):  # closing it is what aborts the request in vLLM
+                async for out in stream:
+                    yield out
         except EngineDeadError as e:
             raise Unavailable("the vLLM engine has died; the service must be restarted") from e
         except VLLMValidationError as e:
-            raise InvalidArgument(str(e), field=getattr(e, "parameter", None) or "prompt") from e
+            raise InvalidArgument(str(e), field=request_field(e.parameter)) from e
         except VLLMClientError as e:
             raise ResourceExhausted(f"vLLM refused the request: {e}") from e
+        except EngineGenerateError as e:
+            if isinstance(e.__cause__, ValueError | TypeError):  # input vLLM could not process
+                raise InvalidArgument(
+                    f"vLLM could not process the request: {e.__cause__}", field="prompt"
+                ) from e
+            raise
         except ValueError as e:
             raise InvalidArgument(str(e), field="prompt") from e
 

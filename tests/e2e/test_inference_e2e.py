@@ -336,6 +336,11 @@ def test_request_errors_name_the_field(inference_stub):
         I.GenerateRequest(prompt="x", sampling=I.SamplingParams(temperature=-1)),
     )
     assert "sampling.temperature" in err.details() and "-1" in err.details()
+    err = assert_code(
+        grpc.StatusCode.INVALID_ARGUMENT, generate, inference_stub, prompt="The quick brown fox " * 200
+    )
+    assert "maximum context length is 512" in err.details()
+    assert [v.field for v in violations_from_status(rpc_status.from_call(err))] == ["prompt"]
     err = assert_code(grpc.StatusCode.NOT_FOUND, generate, inference_stub, merge_key="no-such-key")
     assert "no-such-key" in err.details()
     err = assert_code(
