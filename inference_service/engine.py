@@ -6,6 +6,7 @@ whose start-up sits under ``if __name__ == "__main__":``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -94,7 +95,7 @@ class Engine:
         log.info(
             "starting vLLM: model=%s dtype=%s kv_cache_bytes=%s gpu=%s", settings.model, dtype, kv_bytes, gpu
         )
-        llm = AsyncLLM.from_engine_args(args)
+        llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)  # keeps the gRPC loop answering
         base_lora = None
         try:
             if zero:
@@ -192,11 +193,11 @@ class Engine:
         return self._llm.get_tokenizer()
 
     def shutdown(self) -> None:
-        """Stop vLLM's processes. The reference is dropped here so that AsyncLLM.__del__ runs now,
-        not during interpreter teardown (where it fails noisily)."""
+        """Stop vLLM's processes (once: AsyncLLM.__del__ would shut down again during interpreter
+        teardown, where vLLM's module globals are already gone, and fail noisily)."""
         llm, self._llm = self._llm, _Stopped()
         llm.shutdown()
-        del llm
+        llm.shutdown = lambda timeout=None: None
 
 
 class _Stopped:
