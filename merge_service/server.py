@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 
-from loramerge.v1 import merge_pb2, merge_pb2_grpc
+from loramerge.v1 import merge_pb2
 from prometheus_client import CollectorRegistry
 
 from loramerge_common.metrics import RpcMetrics
 from loramerge_common.server import GrpcServer, Service
 from merge_service.cache import MergeCache
+from merge_service.chunks import add_merge_service
 from merge_service.metrics import MergeMetrics
 from merge_service.pipeline import Merger
 from merge_service.servicer import BuildResult, MergeServicer
@@ -80,7 +81,7 @@ def build_server(
 
     server = GrpcServer(
         settings,
-        [Service(SERVICE_NAME, servicer, merge_pb2_grpc.add_MergeServiceServicer_to_server)],
+        [Service(SERVICE_NAME, servicer, add_merge_service)],
         registry=registry,
         rpc_metrics=rpc_metrics,
         on_stop=[close_builds],

@@ -113,3 +113,30 @@ def test_float32_wire_values_become_their_decimal() -> None:
     msg = P.MergeSpec(ids=["a"], weights=[0.3], density=0.1)
     spec = spec_from_proto(msg)
     assert spec.adapters[0].weight == 0.3 and spec.density == 0.1
+
+
+# --- pre-encoded data chunks (merge_service/chunks.py), checked against protobuf itself ---------------
+
+
+@given(st.integers(min_value=0, max_value=2**64 - 1), st.binary(max_size=3000))
+def test_encoded_data_chunk_is_what_protobuf_writes(offset: int, payload: bytes) -> None:
+    from merge_service.chunks import decode_data_chunk, encode_data_chunk
+
+    raw = encode_data_chunk(offset, memoryview(payload))
+    assert raw == P.MergeChunk(data=P.DataChunk(offset=offset, data=payload)).SerializeToString()
+    parsed = P.MergeChunk.FromString(raw)
+    assert (parsed.data.offset, parsed.data.data) == (offset, payload)
+    decoded = decode_data_chunk(raw)
+    assert decoded is not None and decoded[0] == offset and bytes(decoded[1]) == payload
+
+
+def test_decode_leaves_other_messages_to_protobuf() -> None:
+    from merge_service.chunks import decode_data_chunk, serialize_chunk
+
+    header = P.MergeChunk(header=P.MergeHeader(merge_key="k", total_bytes=3))
+    assert decode_data_chunk(header.SerializeToString()) is None
+    assert serialize_chunk(header) == header.SerializeToString()
+    assert serialize_chunk(b"\x1a\x00") == b"\x1a\x00"
+    assert decode_data_chunk(b"\x1a\x05\x08") is None  # truncated
+    assert decode_data_chunk(b"\x1a\x80") is None
+    assert decode_data_chunk(b"") is None

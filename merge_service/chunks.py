@@ -1,0 +1,115 @@
+"""Data chunks of a Merge stream, encoded straight from the cached bytes.
+
+A ``MergeChunk{data: DataChunk{offset, data}}`` message is a few bytes of framing followed by the
+payload, so it is built with one copy of the payload (``bytes.join`` over a memoryview) instead of
+the three that slicing, message construction and ``SerializeToString`` take; at hundreds of
+megabytes per adapter that is most of the server's CPU time. The output is byte-identical to
+protobuf's own serialization (tests compare them). ``serialize_chunk`` is the Merge method's
+response serializer: pre-encoded ``bytes`` pass through, messages are serialized as usual.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from loramerge.v1 import merge_pb2, merge_pb2_grpc
+
+_CHUNK_DATA_TAG = b"\x1a"  # MergeChunk.data: field 3, length-delimited
+_OFFSET_TAG = b"\x08"  # DataChunk.offset: field 1, varint
+_BYTES_TAG = b"\x12"  # DataChunk.data: field 2, length-delimited
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def encode_data_chunk(offset: int, payload: memoryview | bytes) -> bytes:
+    """The serialized ``MergeChunk(data=DataChunk(offset=offset, data=payload))``."""
+    inner_head = b""
+    if offset:
+        inner_head += _OFFSET_TAG + varint(offset)
+    if len(payload):
+        inner_head += _BYTES_TAG + varint(len(payload))
+    inner_len = len(inner_head) + len(payload)
+    return b"".join((_CHUNK_DATA_TAG, varint(inner_len), inner_head, payload))
+
+
+def serialize_chunk(message: merge_pb2.MergeChunk | bytes) -> bytes:
+    if isinstance(message, bytes):
+        return message
+    return message.SerializeToString()
+
+
+class _Recorder:
+    """Stands in for a server to catch the handlers the generated add function registers."""
+
+    handlers: dict[str, grpc.RpcMethodHandler]
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.handlers = dict(handlers)
+
+
+def add_merge_service(servicer: merge_pb2_grpc.MergeServiceServicer, server: Any) -> None:
+    """``add_MergeServiceServicer_to_server`` with ``serialize_chunk`` as Merge's serializer."""
+    recorder = _Recorder()
+    merge_pb2_grpc.add_MergeServiceServicer_to_server(servicer, recorder)
+    handlers = recorder.handlers
+    handlers["Merge"] = handlers["Merge"]._replace(response_serializer=serialize_chunk)
+    name = merge_pb2.DESCRIPTOR.services_by_name["MergeService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
+def decode_data_chunk(raw: bytes) -> tuple[int, memoryview] | None:
+    """(offset, payload view) when ``raw`` is a serialized data MergeChunk laid out as
+    ``encode_data_chunk`` writes it (as protobuf does); None otherwise (parse it with
+    ``MergeChunk.FromString``). Lets a receiver copy each payload once, straight to its place."""
+    try:
+        return _decode(memoryview(raw))
+    except IndexError:  # a varint running off the end
+        return None
+
+
+def _decode(view: memoryview) -> tuple[int, memoryview] | None:
+    if not len(view) or view[0] != _CHUNK_DATA_TAG[0]:
+        return None
+    inner_len, pos = _read_varint(view, 1)
+    end = pos + inner_len
+    if end != len(view):
+        return None
+    offset = 0
+    if pos < end and view[pos] == _OFFSET_TAG[0]:
+        offset, pos = _read_varint(view, pos + 1)
+    if pos == end:
+        return offset, view[pos:pos]
+    if view[pos] != _BYTES_TAG[0]:
+        return None
+    size, pos = _read_varint(view, pos + 1)
+    if pos + size != end:
+        return None
+    return offset, view[pos:end]
