@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import ipaddress
+import json
 import os
 import secrets
 import shutil
@@ -308,11 +309,14 @@ class Stack:
     # -- faults --
 
     def kill_merge(self) -> None:
-        """SIGKILL the merge service's process group (no drain, no clean-up)."""
+        """SIGKILL the merge service's process group (no drain, no clean-up) and cut the connections
+        through the proxy: what the dead process had already handed to the kernel, and the proxy had
+        not passed on yet, is lost as it would be with the pod's network."""
         proc = self.merge.proc
         if proc is not None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
+        self.proxy.sever()
 
     def restart_merge(self, timeout: float = 180) -> None:
         """Stop the merge service (if running) and start a new one on a new port; the proxy follows it."""
@@ -327,6 +331,17 @@ class Stack:
         if not self.inference.running:
             self.inference = _inference_process(self, log_name=f"inference-{time.monotonic_ns()}.log")
             self.inference.start(_inference_ready, ENGINE_START_TIMEOUT_S)
+
+    def log_events(self, service: ServiceProcess, message: str) -> list[dict]:
+        """The JSON log records of ``service`` whose message is ``message``."""
+        out = []
+        for line in service.log_text().splitlines():
+            if f'"{message}"' in line:
+                with contextlib.suppress(ValueError):
+                    record = json.loads(line)
+                    if record.get("msg") == message:
+                        out.append(record)
+        return out
 
     def logs(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.root.glob("*.log")))
@@ -423,6 +438,7 @@ def _merge_process(stack: Stack, *, log_name: str) -> ServiceProcess:
         "--device", "cpu",
         "--grace-seconds", "5",
         "--log-format", "json",
+        "--chunk-bytes", "16KiB",  # many data messages per stream: a break lands between two of them
         "--max-adapters", str(stack.limits.max_adapters),
         "--max-adapter-bytes", str(stack.limits.max_adapter_bytes),
         "--max-request-bytes", str(stack.limits.max_request_bytes),
