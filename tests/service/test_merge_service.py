@@ -1,7 +1,7 @@
 """The merge service on a real loopback gRPC server, called through the generated stubs.
 
-Streamed adapters are checked against the header's sha256 and against an offline merge of the same
-spec written to a PEFT directory (no server, no cache, no proto conversion involved).
+Streamed adapters are checked against the header's sha256 and against what the offline CLI
+(``loramerge merge``: no server, no cache, no proto conversion) writes for the same spec.
 """
 
 from __future__ import annotations
@@ -26,11 +26,10 @@ from safetensors.torch import load as load_safetensors
 from loramerge_common.errors import violations_from_status
 from loramerge_common.testing import ServerThread
 from merge_service.cache import CacheEntry, sha256_hex
-from merge_service.pipeline import Merger, write_peft_dir
 from merge_service.server import build_server
 from merge_service.settings import MergeSettings
 from merge_service.sources import SourceResolver
-from merge_service.spec import AdapterRef, MergeSpec, Space, Strategy
+from merge_service.spec import Space, Strategy
 
 P = merge_pb2
 
@@ -117,11 +116,22 @@ def served(adapter_root: Path, tmp_path_factory: pytest.TempPathFactory):
         yield server, holder["servicer"], merge_pb2_grpc.MergeServiceStub(channel)
 
 
-def offline(adapter_root: Path, spec: MergeSpec, out: Path) -> tuple[bytes, str]:
-    """The same merge done offline and written as a PEFT directory: (safetensors bytes, config text)."""
-    merger = Merger(SourceResolver(adapter_root), device="cpu")
-    write_peft_dir(merger.build(merger.plan(spec)), out)
-    return (out / "adapter_model.safetensors").read_bytes(), (out / "adapter_config.json").read_text()
+def offline_cli(adapter_root: Path, argv: list[str], out: Path, capsys: pytest.CaptureFixture[str]) -> dict:
+    """``loramerge merge`` (the offline CLI) on the same adapters; returns its JSON summary."""
+    from loramerge_client.cli import main
+
+    capsys.readouterr()
+    code = main(["merge", *argv, "--device", "cpu", "--no-progress", "--json", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+def without_ids(config_json: str) -> dict:
+    """adapter_config.json minus the adapter ids it records (paths for the CLI, names for the service)."""
+    config = json.loads(config_json)
+    for a in config.get("loramerge", {}).get("request", {}).get("adapters", []):
+        a.pop("id", None)
+    return config
 
 
 CASES = [
@@ -143,8 +153,15 @@ WEIGHTS = (0.7, 0.4, 1.1)
 @pytest.mark.parametrize(
     ("strategy", "space", "ids", "density"), CASES, ids=lambda v: str(v).replace(",", "")
 )
-def test_each_strategy_and_space_streams_the_offline_bytes(
-    served, adapter_root: Path, tmp_path: Path, strategy, space, ids, density
+def test_each_strategy_and_space_streams_what_the_offline_cli_writes(
+    served,
+    adapter_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    strategy,
+    space,
+    ids,
+    density,
 ) -> None:
     _, _, stub = served
     weights = WEIGHTS[: len(ids)]
@@ -160,15 +177,15 @@ def test_each_strategy_and_space_streams_the_offline_bytes(
     assert len(got.data) == got.header.total_bytes == got.trailer.total_bytes
     assert hashlib.sha256(got.data).hexdigest() == got.header.sha256 == got.trailer.sha256
     assert got.header.file_name == "adapter_model.safetensors" and got.header.offset == 0
-    domain = MergeSpec(
-        adapters=tuple(AdapterRef(i, weight=w) for i, w in zip(ids, weights, strict=True)),
-        strategy=strategy,
-        density=density,
-        space=space,
-    )
-    data, config = offline(adapter_root, domain, tmp_path / "offline")
-    assert got.data == data
-    assert got.header.adapter_config_json == config
+    argv = [f"--adapter={adapter_root / i}:{w}" for i, w in zip(ids, weights, strict=True)]
+    argv += ["--strategy", strategy.value, "--space", space.value]
+    if density is not None:
+        argv += ["--density", str(density)]
+    summary = offline_cli(adapter_root, argv, tmp_path / "offline", capsys)
+    assert got.header.merge_key == summary["merge_key"]
+    assert got.data == (tmp_path / "offline" / "adapter_model.safetensors").read_bytes()
+    config = (tmp_path / "offline" / "adapter_config.json").read_text()
+    assert without_ids(got.header.adapter_config_json) == without_ids(config)
     assert json.loads(config)["r"] == got.header.rank
     tensors = load_safetensors(got.data)
     assert len(tensors) == 2 * len(got.header.modules) == 2 * 2 * 7  # A and B; 2 layers × 7 projections
@@ -406,3 +423,36 @@ def test_settings_from_environment(adapter_root: Path) -> None:
     s.validate()
     with pytest.raises(ValueError, match="DEVICE"):
         replace(s, device="tpu").validate()
+
+
+def test_byte_limits_per_adapter_and_per_request(adapter_root: Path, tmp_path: Path) -> None:
+    size_a = sum(f.stat().st_size for f in (adapter_root / "a").iterdir())
+    size_b = sum(f.stat().st_size for f in (adapter_root / "b").iterdir())
+    settings = MergeSettings(
+        listen="127.0.0.1:0",
+        adapter_root=adapter_root,
+        hub_cache_dir=tmp_path / "hub",
+        s3_cache_dir=tmp_path / "s3",
+        max_adapter_bytes=max(size_a, size_b) - 1,  # "a" (rank 8) is too big, "b" (rank 4) fits
+        max_request_bytes=size_b + size_b // 2,  # one "b" fits, two do not
+        device="cpu",
+        log_format="text",
+    )
+
+    async def make():
+        server, _ = build_server(settings)
+        await server.start()
+        return server
+
+    with ServerThread(make) as server, grpc.insecure_channel(server.address) as ch:
+        stub = merge_pb2_grpc.MergeServiceStub(ch)
+        assert stub.Plan(P.MergeRequest(spec=P.MergeSpec(ids=["b"])), timeout=60).merge_key
+        for ids, field, words in (
+            (["b", "a"], "spec.adapters[1]", "max_adapter_bytes"),
+            (["b", "b"], "spec.adapters", "allowed per merge"),
+        ):
+            code, details, fields = error_of(
+                lambda ids=ids: list(stub.Merge(P.MergeRequest(spec=P.MergeSpec(ids=ids)), timeout=60))
+            )
+            assert (code, fields) == (grpc.StatusCode.RESOURCE_EXHAUSTED, [field]), details
+            assert words in details
