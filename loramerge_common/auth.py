@@ -24,7 +24,10 @@ def load_token(token: str | None = None, token_file: Path | None = None) -> str 
     """The configured token: the file's stripped content wins over ``token``; None means auth is off.
     Raises ValueError for an empty token (an empty secret would let everyone in)."""
     if token_file is not None:
-        token = token_file.read_text().strip()
+        try:
+            token = token_file.read_text().strip()
+        except OSError as e:
+            raise ValueError(f"auth token file {token_file}: {e.strerror or e}") from None
         if not token:
             raise ValueError(f"auth token file {token_file} is empty")
     if token is not None and not token.strip():

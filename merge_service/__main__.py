@@ -14,7 +14,11 @@ from merge_service.settings import ENV_PREFIX, MergeSettings
 async def serve(settings: MergeSettings) -> None:
     from merge_service.server import build_server  # torch and friends: after the flags are parsed
 
-    server, _ = build_server(settings)
+    try:
+        server, _ = build_server(settings)
+    except (ValueError, OSError) as e:  # unreadable TLS/token files, bad settings
+        print(f"loramerge-merge-service: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     await run_server(server)
 
 
