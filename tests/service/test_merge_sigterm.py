@@ -88,6 +88,8 @@ def test_sigterm_finishes_the_stream_in_flight_and_refuses_new_calls(
                         )
                         time.sleep(0.1)
                     except grpc.RpcError as e:
+                        if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # a busy machine: ask again
+                            continue
                         assert e.code() == grpc.StatusCode.UNAVAILABLE, e
                         refused = True
             assert refused, "new calls were still accepted after SIGTERM"
