@@ -1,7 +1,9 @@
 """Optional bearer-token authentication for gRPC servers.
 
 Clients send metadata ``authorization: Bearer <token>``; the token is compared in constant time
-(hmac.compare_digest). Health checks stay open so that probes need no secret. The token is read
+(hmac.compare_digest). Health checks stay open so that probes need no secret, and so does
+server reflection: it describes only the public contract in protos/, and grpcurl needs it before
+it can send any call (with the token) at all. The token is read
 from a file (mounted Kubernetes secret) or given directly; it is never logged.
 """
 
@@ -18,6 +20,10 @@ import grpc.aio
 from loramerge_common.metrics import RpcMetrics
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+REFLECTION_PREFIXES = (
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
 
 
 def load_token(token: str | None = None, token_file: Path | None = None) -> str | None:
@@ -64,7 +70,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         self,
         token: str,
         *,
-        exempt_prefixes: Iterable[str] = (HEALTH_PREFIX,),
+        exempt_prefixes: Iterable[str] = (HEALTH_PREFIX, *REFLECTION_PREFIXES),
         metrics: RpcMetrics | None = None,
     ) -> None:
         if not token:

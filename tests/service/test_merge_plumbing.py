@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 from loramerge.v1 import merge_pb2, merge_pb2_grpc
 
@@ -140,7 +141,7 @@ def test_error_in_a_stream_after_some_messages(plain) -> None:
     assert 'loramerge_rpc_errors_total{code="NOT_FOUND",method="Merge"} 1.0' in _metrics_text(server)
 
 
-def test_bearer_token_required_except_for_health(tmp_path: Path) -> None:
+def test_bearer_token_required_except_for_health_and_reflection(tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("s3cret-token\n")
     thread, _ = _serve(replace(BASE, auth_token_file=token_file, auth_token="ignored"))
@@ -159,6 +160,11 @@ def test_bearer_token_required_except_for_health(tmp_path: Path) -> None:
         )
         health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
+        reflection = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+        )
+        listed = {s.name for r in reflection for s in r.list_services_response.service}
+        assert "loramerge.v1.MergeService" in listed
         assert "s3cret-token" not in _metrics_text(server)
 
 
