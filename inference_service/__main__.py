@@ -1,6 +1,7 @@
 """``python -m inference_service`` / ``loramerge-inference-service``: run the inference service.
 
-Flags override environment variables (LORAMERGE_INFERENCE_*); ``--help`` lists them all.
+Flags override environment variables (LORAMERGE_INFERENCE_*); ``--help`` lists them all. Exits 3
+when the vLLM engine died while serving (with exit_on_engine_death), so that it is restarted.
 """
 
 from __future__ import annotations
@@ -8,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from inference_service.server import serve
+from inference_service.server import EngineDied, serve
 from inference_service.settings import ENV_PREFIX, InferenceSettings
 from loramerge_common.logs import setup_logging
 from loramerge_common.settings import SettingsError, load_settings
+
+EXIT_ENGINE_DIED = 3
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,7 +30,11 @@ def main(argv: list[str] | None = None) -> None:
     if not settings.model:
         sys.exit("loramerge-inference-service: --model (LORAMERGE_INFERENCE_MODEL) is required")
     setup_logging(settings.log_level, settings.log_format)
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except EngineDied as e:
+        print(f"loramerge-inference-service: {e}", file=sys.stderr)
+        sys.exit(EXIT_ENGINE_DIED)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from loramerge_common.auth import bearer_metadata, load_token
 from loramerge_common.errors import (
     DeadlineExceeded,
     FieldViolation,
+    Internal,
     LoramergeError,
     Unavailable,
     error_class_for,
@@ -164,8 +165,38 @@ class MergeClient:
             field=field_namer("spec"),
         )
 
+    async def plan(
+        self,
+        spec: merge_pb2.MergeSpec,
+        *,
+        deadline: float,
+        field_namer: Callable[[str], str] = merged_spec_field,
+    ) -> str:
+        """The merge key ``spec`` resolves to now, from the merge service's Plan (sources resolved,
+        nothing built). One attempt, no retry: a caller that cannot get an answer keeps what it has."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded(f"no time left to ask merge service {self.target} for a plan")
+        call = self._stub.Plan(merge_pb2.MergeRequest(spec=spec), timeout=remaining, metadata=self._metadata)
+        try:
+            response = await call
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise DeadlineExceeded(
+                    f"merge service {self.target} did not answer Plan within {remaining:.1f} s"
+                ) from e
+            if e.code() in RETRYABLE:
+                raise Unavailable(
+                    f"merge service {self.target} unavailable: {e.code().name}: {e.details()}",
+                    field=field_namer("spec"),
+                ) from e
+            raise await self._domain_error(e, call, field_namer) from e
+        if not response.merge_key:
+            raise Internal(f"merge service {self.target} answered Plan without a merge_key")
+        return response.merge_key
+
     async def _domain_error(
-        self, e: grpc.aio.AioRpcError, call: grpc.aio.UnaryStreamCall, field_namer: Callable[[str], str]
+        self, e: grpc.aio.AioRpcError, call: grpc.aio.Call, field_namer: Callable[[str], str]
     ) -> LoramergeError:
         try:
             status = await rpc_status.aio.from_call(call)

@@ -23,6 +23,14 @@ class InferenceMetrics:
             ["result"],
             registry=registry,
         )
+        self.spec_rechecks = Counter(
+            "loramerge_inference_spec_rechecks_total",
+            "Remembered request specs confirmed again with the merge service's Plan once their TTL ran "
+            "out, by result: same (key unchanged), changed (new key: fetched), unreachable (the loaded "
+            "adapter kept serving), failed (the spec no longer resolves: the request failed)",
+            ["result"],
+            registry=registry,
+        )
         self.merge_calls = Counter(
             "loramerge_inference_merge_calls_total",
             "Merge RPCs made to the merge service (retries and resumes count once each), by outcome",

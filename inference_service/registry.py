@@ -1,7 +1,12 @@
 """The adapter registry: merge key -> adapter registered with vLLM (name, lora_int_id, folder).
 
 - A spec seen before (same fingerprint) whose adapter is loaded is served without calling the
-  merge service.
+  merge service. What a spec names can change under it (a hub branch, an S3 object, a local folder),
+  so once ``spec_ttl`` seconds have passed since the merge key was last confirmed, the next request
+  asks the merge service's Plan (sources resolved, nothing built) again: the same key keeps the
+  loaded adapter, a new key is fetched as for a new spec. Specs naming only fixed content (hub
+  commits, S3 revisions) are never re-checked. A merge service that cannot answer leaves the loaded
+  adapter serving (stale but available); one that says the spec no longer resolves fails the request.
 - A new spec is fetched once, however many requests ask for it at the same time (single flight),
   verified, written into its own new folder and registered with ``add_lora`` under a new name and
   a new lora_int_id before any request uses it: a bad adapter fails that request, not the engine.
@@ -22,7 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from loramerge.v1 import merge_pb2
 
@@ -30,10 +35,23 @@ from inference_service.engine import ZERO_ADAPTER_ID
 from inference_service.merge_client import Fetched
 from inference_service.metrics import InferenceMetrics
 from inference_service.receiver import AdapterLimits, AdapterWriter, Received, adapter_rank, receive
-from inference_service.specs import describe_spec, merged_spec_field, normalize_spec, spec_fingerprint
-from loramerge_common.errors import InvalidArgument, LoramergeError, NotFound
+from inference_service.specs import (
+    describe_spec,
+    merged_spec_field,
+    normalize_spec,
+    spec_fingerprint,
+    spec_pinned,
+)
+from loramerge_common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    LoramergeError,
+    NotFound,
+    PermissionDenied,
+)
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class LoraEngine(Protocol):
@@ -53,6 +71,24 @@ class Fetcher(Protocol):
         deadline: float,
         field_namer: Callable[[str], str] = ...,
     ) -> Fetched: ...
+
+    async def plan(
+        self, spec: merge_pb2.MergeSpec, *, deadline: float, field_namer: Callable[[str], str] = ...
+    ) -> str: ...
+
+
+# What a merge service answers when the spec itself no longer resolves: a new request would get the
+# same error, so a re-check passes it on rather than serving an adapter for content that is gone.
+SPEC_ERRORS = (InvalidArgument, NotFound, FailedPrecondition, PermissionDenied)
+
+
+@dataclass
+class SpecKey:
+    """The merge key a request spec resolved to, and when the merge service last confirmed it."""
+
+    merge_key: str
+    checked_at: float  # registry clock
+    pinned: bool  # names only fixed content: never re-checked
 
 
 @dataclass
@@ -110,12 +146,25 @@ class AdapterRegistry:
         limits: AdapterLimits,
         max_loaded: int,
         spec_cache_entries: int = 4096,
+        spec_ttl: float = 0.0,
+        recheck_timeout: float = 2.0,
         default_timeout: float = 120.0,
         metrics: InferenceMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``spec_ttl``: seconds after which a remembered spec -> merge key pair is confirmed again
+        with the merge service (0: never); ``recheck_timeout`` bounds that call. ``clock`` measures
+        the TTL (tests pass a fake one)."""
         if max_loaded < 1:
             raise InvalidArgument(
                 f"max_loaded_adapters must be >= 1, got {max_loaded}", field="max_loaded_adapters"
+            )
+        if spec_ttl < 0:
+            raise InvalidArgument(f"spec_ttl_seconds must be >= 0, got {spec_ttl}", field="spec_ttl_seconds")
+        if recheck_timeout <= 0:
+            raise InvalidArgument(
+                f"spec_recheck_timeout_seconds must be > 0, got {recheck_timeout}",
+                field="spec_recheck_timeout_seconds",
             )
         self.engine = engine
         self.fetcher = fetcher
@@ -125,9 +174,14 @@ class AdapterRegistry:
         self.default_timeout = default_timeout
         self.metrics = metrics
         self._by_key: OrderedDict[str, Entry] = OrderedDict()  # least recently used first
-        self._specs: OrderedDict[str, str] = OrderedDict()  # spec fingerprint -> merge key
+        self._specs: OrderedDict[str, SpecKey] = OrderedDict()  # by spec fingerprint
         self._spec_cache_entries = spec_cache_entries
+        self.spec_ttl = spec_ttl
+        self.recheck_timeout = recheck_timeout
+        self.clock = clock
         self._inflight: dict[str, asyncio.Task[Usage]] = {}
+        self._rechecks: dict[str, asyncio.Task[str]] = {}  # by spec fingerprint
+        self._abandoned: LoramergeError | None = None
         self._ids = itertools.count(ZERO_ADAPTER_ID + 1)
         self._lock = asyncio.Lock()
         adapter_dir.mkdir(parents=True, exist_ok=True)
@@ -164,14 +218,19 @@ class AdapterRegistry:
 
         ``deadline`` (time.monotonic()) bounds the fetch, retries included.
         """
+        if self._abandoned is not None:
+            raise self._abandoned
         spec = normalize_spec(spec, self.limits.max_rank)
         fingerprint = spec_fingerprint(spec)
         deadline = deadline if deadline is not None else time.monotonic() + self.default_timeout
         for _ in range(3):  # an entry can be evicted between its fetch finishing and our lease
-            key = self._specs.get(fingerprint)
-            entry = self._by_key.get(key) if key else None
+            known = self._specs.get(fingerprint)
+            entry = self._by_key.get(known.merge_key) if known else None
+            if entry is not None and known is not None and self._due(known):
+                entry = await self._recheck(spec, fingerprint, known, deadline, field_namer)
             if entry is not None:
-                self._specs.move_to_end(fingerprint)
+                if fingerprint in self._specs:
+                    self._specs.move_to_end(fingerprint)
                 self._count("loaded")
                 return self._lease(Usage(entry, already_loaded=True))
             task = self._inflight.get(fingerprint)
@@ -184,8 +243,7 @@ class AdapterRegistry:
                 self._count("fetched")
             else:
                 self._count("joined")
-            # Shielded: one caller going away must not cancel the fetch the others wait for.
-            usage = await asyncio.shield(task)
+            usage = await self._join(task)
             if not usage.entry.removed:
                 return self._lease(usage)
         raise LoramergeError(f"adapter for {describe_spec(spec)} was evicted repeatedly while loading")
@@ -211,9 +269,16 @@ class AdapterRegistry:
             await self._remove(entry, reason="request")
             return True
 
+    def abandon(self, error: LoramergeError) -> None:
+        """Fail every request waiting on a fetch or re-check, and every later one, with ``error``
+        (the engine has died: nothing fetched now could be served)."""
+        self._abandoned = error
+        for task in [*self._inflight.values(), *self._rechecks.values()]:
+            task.cancel()
+
     async def close(self) -> None:
         """Cancel fetches in flight and remove every adapter folder (the engine is going away)."""
-        for task in list(self._inflight.values()):
+        for task in [*self._inflight.values(), *self._rechecks.values()]:
             task.cancel()
         for entry in list(self._by_key.values()):
             shutil.rmtree(entry.path, ignore_errors=True)
@@ -225,6 +290,85 @@ class AdapterRegistry:
         self._inflight.pop(fingerprint, None)
         if not task.cancelled():
             task.exception()  # retrieved here: every waiter may have gone away before it failed
+
+    def _recheck_done(self, fingerprint: str, task: asyncio.Task[str]) -> None:
+        self._rechecks.pop(fingerprint, None)
+        if not task.cancelled():
+            task.exception()
+
+    async def _join(self, task: asyncio.Task[T]) -> T:
+        """Wait for a shared task. Shielded: one caller going away must not cancel the work the
+        others wait for. A task cancelled by ``abandon`` fails its waiters with the given error."""
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if self._abandoned is not None and task.cancelled() and not (me and me.cancelling()):
+                raise self._abandoned from None
+            raise
+
+    def _due(self, known: SpecKey) -> bool:
+        return bool(self.spec_ttl) and not known.pinned and self.clock() - known.checked_at >= self.spec_ttl
+
+    async def _recheck(
+        self,
+        spec: merge_pb2.MergeSpec,
+        fingerprint: str,
+        known: SpecKey,
+        deadline: float,
+        field_namer: Callable[[str], str],
+    ) -> Entry | None:
+        """The loaded entry the spec still resolves to, or None when it now resolves to a key that is
+        not loaded (the caller fetches it). Concurrent requests for one spec share one Plan call."""
+        task = self._rechecks.get(fingerprint)
+        if task is None:
+            deadline = min(deadline, time.monotonic() + self.recheck_timeout)
+            task = asyncio.get_running_loop().create_task(
+                self._confirm_key(spec, fingerprint, known, deadline, field_namer)
+            )
+            self._rechecks[fingerprint] = task
+            task.add_done_callback(partial(self._recheck_done, fingerprint))
+        return self._by_key.get(await self._join(task))
+
+    async def _confirm_key(
+        self,
+        spec: merge_pb2.MergeSpec,
+        fingerprint: str,
+        known: SpecKey,
+        deadline: float,
+        field_namer: Callable[[str], str],
+    ) -> str:
+        """Ask the merge service which key ``spec`` resolves to now and remember the answer."""
+        try:
+            key = await self.fetcher.plan(spec, deadline=deadline, field_namer=field_namer)
+        except SPEC_ERRORS:
+            self._specs.pop(fingerprint, None)
+            self._count_recheck("failed")
+            raise
+        except LoramergeError as e:  # unreachable, overloaded, broken: keep serving what is loaded
+            known.checked_at = self.clock()  # and ask again after another TTL, not on every request
+            self._count_recheck("unreachable")
+            log.warning(
+                "could not re-check a request spec with the merge service; serving the loaded adapter",
+                extra={"merge_key": known.merge_key, "spec": describe_spec(spec), "error": e.message},
+            )
+            return known.merge_key
+        if key == known.merge_key:
+            self._count_recheck("same")
+        else:
+            self._count_recheck("changed")
+            log.info(
+                "request spec resolves to a new merge key",
+                extra={"spec": describe_spec(spec), "old_merge_key": known.merge_key, "merge_key": key},
+            )
+        self._remember(fingerprint, SpecKey(key, self.clock(), known.pinned))
+        return key
+
+    def _remember(self, fingerprint: str, known: SpecKey) -> None:
+        self._specs[fingerprint] = known
+        self._specs.move_to_end(fingerprint)
+        while len(self._specs) > self._spec_cache_entries:
+            self._specs.popitem(last=False)
 
     def _lease(self, usage: Usage) -> Lease:
         entry = usage.entry
@@ -264,9 +408,7 @@ class AdapterRegistry:
             raise InvalidArgument(
                 "the merge service sent a header without a merge_key", field="header.merge_key"
             )
-        self._specs[fingerprint] = key
-        while len(self._specs) > self._spec_cache_entries:
-            self._specs.popitem(last=False)
+        self._remember(fingerprint, SpecKey(key, self.clock(), spec_pinned(spec)))
         usage = await self._register(received, key, lora_int_id, describe_spec(spec), via="merge")
         return Usage(
             usage.entry,
@@ -358,3 +500,7 @@ class AdapterRegistry:
     def _count(self, result: str) -> None:
         if self.metrics:
             self.metrics.adapter_lookups.labels(result=result).inc()
+
+    def _count_recheck(self, result: str) -> None:
+        if self.metrics:
+            self.metrics.spec_rechecks.labels(result=result).inc()

@@ -2,8 +2,10 @@
 
 The gRPC port answers while vLLM starts (health says NOT_SERVING and calls get UNAVAILABLE), so
 probes and clients see a live process rather than a refused connection. Once the engine is up,
-health turns SERVING; a watchdog turns it NOT_SERVING again if the engine dies. On SIGTERM the
-server drains, then the engine shuts down and the adapter folder is removed.
+health turns SERVING. If the engine dies, a watchdog turns health NOT_SERVING; then (by default)
+calls in flight fail with UNAVAILABLE, the server stops and ``serve`` raises ``EngineDied`` so that
+the process exits non-zero and is restarted: a dead engine never comes back by itself. On SIGTERM
+the server drains, then the engine shuts down and the adapter folder is removed.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from inference_service.receiver import AdapterLimits
 from inference_service.registry import AdapterRegistry
 from inference_service.servicer import InferenceServicer
 from inference_service.settings import InferenceSettings
+from loramerge_common.errors import Unavailable
 from loramerge_common.metrics import RpcMetrics
 from loramerge_common.server import GrpcServer, Service
 from loramerge_common.shutdown import install_stop_signals, remove_stop_signals
@@ -34,7 +37,13 @@ from loramerge_common.shutdown import install_stop_signals, remove_stop_signals
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
-WATCHDOG_SECONDS = 5.0
+WATCHDOG_SECONDS = 1.0  # reading vLLM's dead flag is cheap; a short period restarts the pod sooner
+ENGINE_DEATH_GRACE_SECONDS = 5.0  # calls still running after engine death can only fail: do not wait long
+ENGINE_DEAD = "the vLLM engine has died; the service is restarting"
+
+
+class EngineDied(RuntimeError):
+    """The vLLM engine died while serving; the service has stopped and the process should exit non-zero."""
 
 
 def run_directory(adapter_dir: Path) -> Path:
@@ -52,12 +61,32 @@ def run_directory(adapter_dir: Path) -> Path:
 
 
 async def _watchdog(engine: Engine, server: GrpcServer) -> None:
-    while True:
+    """Return once the engine has died, with health turned NOT_SERVING."""
+    while engine.healthy:
         await asyncio.sleep(WATCHDOG_SECONDS)
-        if not engine.healthy:
-            log.error("the vLLM engine has died: health is NOT_SERVING")
-            await server.health.set_serving(False)
-            return
+    log.error("the vLLM engine has died: health is NOT_SERVING")
+    await server.health.set_serving(False)
+
+
+async def _until_stopped(
+    stop_event: asyncio.Event, watchdog: asyncio.Future, adapters: AdapterRegistry, exit_on_death: bool
+) -> bool:
+    """Wait for a stop signal or, when ``exit_on_death``, the engine's death; True for the latter (then
+    requests waiting on an adapter fetch fail UNAVAILABLE; generations fail so inside vLLM)."""
+    stop_task = asyncio.ensure_future(stop_event.wait())
+    try:
+        await asyncio.wait({stop_task, watchdog}, return_when=asyncio.FIRST_COMPLETED)
+        if stop_task.done():
+            return False
+        watchdog.result()  # raises what went wrong in the watchdog itself
+        if not exit_on_death:
+            log.warning("exit_on_engine_death is off: staying up, NOT_SERVING, until stopped")
+            await stop_task
+            return False
+        adapters.abandon(Unavailable(ENGINE_DEAD))
+        return True
+    finally:
+        stop_task.cancel()
 
 
 async def serve(settings: InferenceSettings, stop_event: asyncio.Event | None = None) -> None:
@@ -81,7 +110,8 @@ async def serve(settings: InferenceSettings, stop_event: asyncio.Event | None = 
     engine: Engine | None = None
     adapters: AdapterRegistry | None = None
     merge_client: MergeClient | None = None
-    watchdog: asyncio.Task | None = None
+    watchdog: asyncio.Future | None = None
+    engine_died = False
     try:
         await server.start()
         engine_task = asyncio.ensure_future(Engine.start(settings, work_dir))
@@ -106,6 +136,8 @@ async def serve(settings: InferenceSettings, stop_event: asyncio.Event | None = 
             ),
             max_loaded=settings.loaded_bound(engine.reserved_lora_slots),
             spec_cache_entries=settings.spec_cache_entries,
+            spec_ttl=settings.spec_ttl_seconds,
+            recheck_timeout=settings.spec_recheck_timeout_seconds,
             default_timeout=settings.merge_timeout_seconds,
             metrics=metrics,
         )
@@ -115,12 +147,12 @@ async def serve(settings: InferenceSettings, stop_event: asyncio.Event | None = 
         log.info("inference service ready", extra={"address": server.address, "model": engine.info.model})
         if settings.ready_file is not None:
             write_ready_file(settings.ready_file, server)
-        await stop_event.wait()
+        engine_died = await _until_stopped(stop_event, watchdog, adapters, settings.exit_on_engine_death)
     finally:
         remove_stop_signals(installed)
         if watchdog is not None:
             watchdog.cancel()
-        await server.stop()
+        await server.stop(min(settings.grace_seconds, ENGINE_DEATH_GRACE_SECONDS) if engine_died else None)
         if adapters is not None:
             await adapters.close()
         if merge_client is not None:
@@ -131,6 +163,8 @@ async def serve(settings: InferenceSettings, stop_event: asyncio.Event | None = 
         if settings.ready_file is not None:
             with contextlib.suppress(FileNotFoundError):
                 settings.ready_file.unlink()
+    if engine_died:
+        raise EngineDied(ENGINE_DEAD)
 
 
 def write_ready_file(path: Path, server: GrpcServer) -> None:

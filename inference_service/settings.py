@@ -67,6 +67,15 @@ class MergeClientSettings:
     spec_cache_entries: int = setting(
         4096, "remembered request-spec -> merge-key pairs (lets a repeated spec skip the merge service)"
     )
+    spec_ttl_seconds: float = setting(
+        60.0,
+        "after this long a remembered spec -> merge-key pair is confirmed again with the merge service's "
+        "Plan (a hub branch, S3 object or local folder may have changed); hub commits and S3 revisions "
+        "are never re-checked; 0: never",
+    )
+    spec_recheck_timeout_seconds: float = setting(
+        2.0, "longest such a check may take; if it fails, the loaded adapter keeps serving"
+    )
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,11 @@ class InferenceSettings(MergeClientSettings, EngineSettings, ServerSettings):
     metrics_port: int = setting(9451, "HTTP port for Prometheus /metrics; 0 turns it off")
     ready_file: Path | None = setting(
         None, "once serving, write {address, port, metrics_port, pid} as JSON here (tests, scripts)"
+    )
+    exit_on_engine_death: bool = setting(
+        True,
+        "when the vLLM engine dies, fail calls in flight with UNAVAILABLE and exit non-zero so that the "
+        "pod is restarted; false: stay up, NOT_SERVING",
     )
 
     def loaded_bound(self, reserved_slots: int) -> int:

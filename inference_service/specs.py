@@ -9,6 +9,7 @@ fingerprints but the same merge key, so they still share one loaded adapter.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable
 
 from loramerge.v1 import merge_pb2
@@ -16,6 +17,8 @@ from loramerge.v1 import merge_pb2
 from loramerge_common.errors import InvalidArgument
 
 _STRATEGY = merge_pb2.MergeStrategy
+_SOURCE = merge_pb2.AdapterSource
+_HUB_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _SINGLE_FIELDS = {
     "id": "adapter_id",
     "source": "adapter_source",
@@ -103,6 +106,31 @@ def normalize_spec(spec: merge_pb2.MergeSpec, engine_max_rank: int) -> merge_pb2
 def spec_fingerprint(spec: merge_pb2.MergeSpec) -> str:
     """sha256 of the deterministic encoding of a normalised spec."""
     return hashlib.sha256(spec.SerializeToString(deterministic=True)).hexdigest()
+
+
+def ref_pinned(ref: merge_pb2.AdapterRef) -> bool:
+    """Whether ``ref`` names content that cannot change: a hub commit sha, or an S3 revision (object
+    versions or ETags, as Plan reports them: the merge service serves exactly those or fails).
+
+    A branch, a tag, the default branch, an unpinned S3 prefix and a local folder can all change.
+    An inline ``id@sha`` counts only with source HUB: without it, the id might name a local folder.
+    """
+    s3 = ref.source == _SOURCE.S3 or (
+        ref.source == _SOURCE.ADAPTER_SOURCE_UNSPECIFIED and ref.id.startswith("s3://")
+    )
+    if s3:
+        return bool(ref.revision.strip())
+    if ref.source == _SOURCE.LOCAL:
+        return False
+    revision = ref.revision
+    if not revision and ref.source == _SOURCE.HUB:
+        revision = ref.id.partition("@")[2]
+    return bool(_HUB_COMMIT.match(revision))
+
+
+def spec_pinned(spec: merge_pb2.MergeSpec) -> bool:
+    """Whether every adapter of a normalised spec names fixed content (its merge key cannot change)."""
+    return bool(spec.adapters) and all(ref_pinned(ref) for ref in spec.adapters)
 
 
 def describe_spec(spec: merge_pb2.MergeSpec) -> str:

@@ -49,6 +49,17 @@ class FakeMergeService:
         self.gate: asyncio.Event | None = None
         self.fail_with: Exception | None = None
         self.keys: dict[str, str] = {}
+        self.plan_calls = 0
+        self.plan_gate: asyncio.Event | None = None
+        self.plan_fail_with: Exception | None = None
+
+    async def plan(self, spec: M.MergeSpec, *, deadline: float, field_namer=None) -> str:
+        self.plan_calls += 1
+        if self.plan_gate is not None:
+            await self.plan_gate.wait()
+        if self.plan_fail_with is not None:
+            raise self.plan_fail_with
+        return self.keys.get(spec.adapters[0].id, spec.adapters[0].id)
 
     async def fetch(
         self, spec: M.MergeSpec, writer: AdapterWriter, *, deadline: float, field_namer=None
