@@ -444,3 +444,54 @@ def test_merge_service_down_gives_unavailable_while_base_and_loaded_keep_working
         merge_service.restart()
     # Back: a new spec is fetched again (the client reconnects on its own).
     assert generate(inference_stub, merged_adapters=spec(("e", 0.2))).completion_tokens > 0
+
+
+# -- the vLLM engine dies -------------------------------------------------------------------------
+
+
+def engine_core(pid: int):
+    """The vLLM engine core child process of the service ``pid`` (vLLM titles it VLLM::EngineCore)."""
+    import psutil
+
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if "EngineCore" in child.name() or "EngineCore" in " ".join(child.cmdline()):
+                return child
+        except psutil.NoSuchProcess:
+            continue
+    raise AssertionError(f"no EngineCore child under pid {pid}")
+
+
+# It ends the session's inference service, so it must run after every test that uses it: the
+# stops_hardened_stack marker sorts it to the end (it costs no vLLM start of its own).
+@pytest.mark.stops_hardened_stack
+def test_engine_core_death_fails_streams_and_exits_non_zero(inference_stub, inference_service):
+    import psutil
+
+    proc = inference_service.proc
+    assert proc is not None and proc.poll() is None
+    family = psutil.Process(proc.pid).children(recursive=True)
+    call = inference_stub.GenerateStream(
+        I.GenerateRequest(prompt=PROMPTS[0], sampling=I.SamplingParams(max_tokens=480, ignore_eos=True)),
+        timeout=120,
+    )
+    next(call)
+    engine_core(proc.pid).kill()
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as info:
+        for _ in call:
+            pass
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+    assert proc.wait(60) == 3  # EXIT_ENGINE_DIED: the pod is restarted
+    assert time.monotonic() - t0 < 60
+    log = inference_service.log_text()
+    assert "the vLLM engine has died: health is NOT_SERVING" in log
+    assert "loramerge-inference-service: the vLLM engine has died" in log
+    assert not run_dir_exists(inference_service)
+    _, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, f"children left behind: {alive}"
+
+
+def run_dir_exists(inference_service: ServiceProcess) -> bool:
+    adapter_dir = Path(str(inference_service.extra["adapter_dir"]))
+    return any(adapter_dir.glob(f"run-{inference_service.proc.pid}-*"))
