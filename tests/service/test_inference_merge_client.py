@@ -43,6 +43,15 @@ class Scripted(merge_pb2_grpc.MergeServiceServicer):
         self.error = error
         self.requests: list[M.MergeRequest] = []
 
+    async def Plan(self, request, context):
+        self.requests.append(request)
+        if self.error is not None:
+            await context.abort_with_status(to_rpc_status(self.error))
+        if self.unavailable > 0:
+            self.unavailable -= 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
+        return M.PlanResponse(merge_key=HEADER["merge_key"], rank=4)
+
     async def Merge(self, request, context):
         self.requests.append(request)
         if self.error is not None:
@@ -60,7 +69,10 @@ class Scripted(merge_pb2_grpc.MergeServiceServicer):
         yield M.MergeChunk(trailer=M.MergeTrailer(total_bytes=len(DATA), sha256=HEADER["sha256"]))
 
 
-async def fetch(servicer: Scripted | None, tmp_path: Path, timeout: float = 10, **spec_kw):
+async def fetch(
+    servicer: Scripted | None, tmp_path: Path, timeout: float = 10, *, plan: bool = False, **spec_kw
+):
+    """Fetch spec "a" from ``servicer`` (None: a closed port); ``plan``: ask Plan for its key instead."""
     server = grpc.aio.server()
     merge_pb2_grpc.add_MergeServiceServicer_to_server(servicer or Scripted(), server)
     if servicer is None:  # nobody listens: connections are refused
@@ -75,13 +87,11 @@ async def fetch(servicer: Scripted | None, tmp_path: Path, timeout: float = 10, 
     )
     client = MergeClient(settings)
     writer = AdapterWriter(tmp_path / "out", LIMITS)
+    spec = M.MergeSpec(adapters=[M.AdapterRef(id="a")])
     try:
-        return await client.fetch(
-            M.MergeSpec(adapters=[M.AdapterRef(id="a")]),
-            writer,
-            deadline=time.monotonic() + timeout,
-            **spec_kw,
-        )
+        if plan:
+            return await client.plan(spec, deadline=time.monotonic() + timeout, **spec_kw)
+        return await client.fetch(spec, writer, deadline=time.monotonic() + timeout, **spec_kw)
     finally:
         await client.close()
         await server.stop(0)
@@ -134,3 +144,37 @@ def test_deadline_exceeded_from_the_server_is_reported_as_such(tmp_path):
 def test_backoff_doubles_up_to_the_cap():
     delay = backoff_delays(0.1, 0.5)
     assert [round(delay(), 3) for _ in range(5)] == [0.1, 0.2, 0.4, 0.5, 0.5]
+
+
+def test_plan_asks_once_for_the_merge_key(tmp_path):
+    servicer = Scripted()
+    assert asyncio.run(fetch(servicer, tmp_path, plan=True)) == "k"
+    assert len(servicer.requests) == 1 and servicer.requests[0].spec.adapters[0].id == "a"
+
+
+def test_plan_does_not_retry_an_unavailable_merge_service(tmp_path):
+    servicer = Scripted(unavailable=1)
+    with pytest.raises(Unavailable, match="unavailable: UNAVAILABLE: warming up"):
+        asyncio.run(fetch(servicer, tmp_path, plan=True))
+    assert len(servicer.requests) == 1
+    t0 = time.monotonic()
+    with pytest.raises(Unavailable, match=r"merge service 127\.0\.0\.1:\d+ unavailable"):
+        asyncio.run(fetch(None, tmp_path, timeout=5, plan=True))
+    assert time.monotonic() - t0 < 3  # refused at once, not retried until the deadline
+
+
+def test_plan_errors_keep_their_code_and_name_our_fields(tmp_path):
+    err = NotFound("adapter 'zz' not found under the adapter root", field="spec.adapters[0].id")
+    with pytest.raises(NotFound) as info:
+        asyncio.run(fetch(Scripted(error=err), tmp_path, plan=True, field_namer=single_adapter_field))
+    assert info.value.field == "adapter_id" and "merge service: adapter 'zz' not found" in info.value.message
+
+
+def test_plan_past_its_deadline_is_deadline_exceeded(tmp_path):
+    class Slow(Scripted):
+        async def Plan(self, request, context):
+            await asyncio.sleep(5)
+            return M.PlanResponse(merge_key="k")
+
+    with pytest.raises(DeadlineExceeded, match="did not answer Plan within"):
+        asyncio.run(fetch(Slow(), tmp_path, timeout=0.5, plan=True))
