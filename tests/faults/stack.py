@@ -45,6 +45,10 @@ from tests.e2e.conftest import (
 HUB_TOKEN_MARKER = "hf_stackNeverLogThis0123456789"
 MAX_LORA_RANK = 16
 MAX_LOADED_ADAPTERS = 3
+# vLLM LoRA slots per batch. The zero adapter that serves base requests stays pinned in one of them, so
+# at most MAX_LORAS - 1 distinct merged adapters may run at once (more kills the engine: see
+# tests/faults/test_engine_lora_slots.py); the load test keeps its clients below that.
+MAX_LORAS = 8
 
 
 # -- certificates ------------------------------------------------------------------------------------
@@ -330,6 +334,7 @@ class Stack:
         """Start the inference service again if a test stopped it."""
         if not self.inference.running:
             self.inference = _inference_process(self, log_name=f"inference-{time.monotonic_ns()}.log")
+            Path(str(self.inference.extra["ready_file"])).unlink(missing_ok=True)  # the dead one's
             self.inference.start(_inference_ready, ENGINE_START_TIMEOUT_S)
 
     def log_events(self, service: ServiceProcess, message: str) -> list[dict]:
@@ -480,8 +485,8 @@ def _inference_process(stack: Stack, *, log_name: str) -> ServiceProcess:
         "--kv-cache-bytes", "64MiB",
         "--max-model-len", "512",
         "--max-lora-rank", str(MAX_LORA_RANK),
-        "--max-loras", "4",
-        "--max-cpu-loras", "8",
+        "--max-loras", str(MAX_LORAS),
+        "--max-cpu-loras", str(MAX_LORAS + 4),
         "--max-loaded-adapters", str(MAX_LOADED_ADAPTERS),
         "--max-adapter-bytes", str(stack.limits.inference_max_adapter_bytes),
         "--max-receive-message-bytes", str(stack.limits.inference_max_message_bytes),
