@@ -10,7 +10,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 VLLM_EXTRA := $(if $(HAS_GPU),gpu,cpu)
 PYTEST_ARGS ?=
 
-.PHONY: help setup install-runtime proto proto-check lint test test-fast bench demo serve deploy-check clean
+.PHONY: help setup install-runtime proto proto-check lint test test-fast bench load demo serve deploy-check clean
 
 help:
 	@echo "make setup         create .venv and install everything (idempotent)"
@@ -18,6 +18,7 @@ help:
 	@echo "make serve         both services in the foreground on the demo assets"
 	@echo "make test          proto freshness, lint, manifests, and the test suite"
 	@echo "make bench         side-by-side benchmarks, appended to BENCHMARKS.md"
+	@echo "make load          sustained load on the real stack (LOAD_SECONDS=90), appended to BENCHMARKS.md"
 	@echo "make proto         regenerate Python from protos/"
 	@echo "make deploy-check  render and validate the Kubernetes overlays"
 	@echo "make install-runtime  the services only, no dev tools (container images; RUNTIME_EXTRAS=gpu,s3)"
@@ -67,6 +68,12 @@ test-fast: setup
 
 bench: setup
 	$(PY) -m benchmarks.run
+
+LOAD_SECONDS ?= 90
+LOAD_ARGS ?=
+
+load: setup
+	$(PY) -m benchmarks.load --seconds $(LOAD_SECONDS) $(LOAD_ARGS)
 
 demo: setup
 	$(PY) -m demo
