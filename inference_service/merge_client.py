@@ -31,6 +31,7 @@ from loramerge_common.errors import (
     violations_from_status,
 )
 from loramerge_common.tls import channel_credentials
+from merge_service.chunks import merge_method
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ class MergeClient:
         token = load_token(None, settings.merge_auth_token_file)
         self._metadata = bearer_metadata(token) if token else ()
         self._stub = merge_pb2_grpc.MergeServiceStub(self._channel)
+        # Merge yielding data chunks as views into the received messages (written without a copy).
+        self._merge = merge_method(self._channel)
         self._on_retry = on_retry or (lambda reason: None)
 
     async def close(self) -> None:
@@ -116,7 +119,7 @@ class MergeClient:
             if writer.header is not None:
                 request.resume_offset = writer.received
                 request.expected_merge_key = writer.header.merge_key
-            call = self._stub.Merge(request, timeout=remaining, metadata=self._metadata)
+            call = self._merge(request, timeout=remaining, metadata=self._metadata)
             try:
                 received = await receive(call, writer)
             except grpc.aio.AioRpcError as e:

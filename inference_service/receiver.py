@@ -5,6 +5,9 @@ client (``LoadAdapter``). The header is checked against the served engine before
 (base model, rank, size, config), every data chunk must continue where the previous one ended,
 and the file's size and sha256 are verified at the end. On any failure the folder is removed, so
 nothing half written is ever loaded.
+
+Data chunks may arrive as ``DataView`` (merge_service/chunks.py): the payload is written and hashed
+straight from the received message, without protobuf copying it first.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import IO, Any
 from loramerge.v1 import merge_pb2
 
 from loramerge_common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from merge_service.chunks import DataView
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -138,7 +142,7 @@ class AdapterWriter:
         (self.directory / CONFIG_FILE).write_text(header.adapter_config_json)
         self._file = open(self.directory / WEIGHTS_FILE, "wb")  # noqa: SIM115 - closed in finish/discard
 
-    def write(self, chunk: merge_pb2.DataChunk) -> None:
+    def write(self, chunk: merge_pb2.DataChunk | DataView) -> None:
         if self.header is None or self._file is None:
             raise InvalidArgument("a data chunk arrived before the header", field="data")
         if chunk.offset != self.received:
@@ -193,7 +197,7 @@ class Received:
     transfer_ms: float  # from the header to the last byte
 
 
-async def receive(chunks: AsyncIterator[merge_pb2.MergeChunk], writer: AdapterWriter) -> Received:
+async def receive(chunks: AsyncIterator[merge_pb2.MergeChunk | DataView], writer: AdapterWriter) -> Received:
     """Feed a whole chunk stream (progress* header data* trailer?) through ``writer``.
 
     The trailer is optional for pushed streams; the header's size and sha256 are always checked.
@@ -203,6 +207,9 @@ async def receive(chunks: AsyncIterator[merge_pb2.MergeChunk], writer: AdapterWr
     t_header = t0
     trailer = None
     async for chunk in chunks:
+        if isinstance(chunk, DataView):
+            writer.write(chunk)
+            continue
         kind = chunk.WhichOneof("item")
         if kind == "header":
             writer.start(chunk.header)

@@ -4,6 +4,10 @@ The receiver checks that data chunks are contiguous, that the size and sha256 ma
 and the trailer, and that a resumed stream continues the same merge. Only a verified result can
 be written to disk, and it is written file by file through temporary names, so a reader never
 sees a half-written adapter.
+
+Data is hashed as it arrives and kept as the received pieces; the adapter's bytes are joined once, at
+the end. Data chunks may arrive as ``DataView`` (``merge_method`` in merge_service/chunks.py: views
+into the received messages, no protobuf copy) or inside parsed ``MergeChunk`` messages.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import grpc
 from loramerge.v1 import merge_pb2
 
 from loramerge_client.errors import make_error
+from merge_service.chunks import DataView
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -125,7 +130,8 @@ class MergeReceiver:
         self.trailer: merge_pb2.MergeTrailer | None = None
         self.progress: list[merge_pb2.MergeProgress] = []
         self.streams = 0
-        self._buf = bytearray()
+        self._pieces: list[bytes | memoryview] = []
+        self._received = 0
         self._hash = hashlib.sha256()
         self._on_progress = on_progress
         self._stream_header: merge_pb2.MergeHeader | None = None
@@ -133,7 +139,7 @@ class MergeReceiver:
     @property
     def received(self) -> int:
         """Bytes of the safetensors file received so far (the resume offset)."""
-        return len(self._buf)
+        return self._received
 
     @property
     def merge_key(self) -> str:
@@ -147,11 +153,14 @@ class MergeReceiver:
             spec=spec, resume_offset=self.received, expected_merge_key=self.merge_key
         )
 
-    def feed_all(self, chunks: Iterable[merge_pb2.MergeChunk]) -> None:
+    def feed_all(self, chunks: Iterable[merge_pb2.MergeChunk | DataView]) -> None:
         for chunk in chunks:
             self.feed(chunk)
 
-    def feed(self, chunk: merge_pb2.MergeChunk) -> None:
+    def feed(self, chunk: merge_pb2.MergeChunk | DataView) -> None:
+        if isinstance(chunk, DataView):
+            self._on_data(chunk)
+            return
         kind = chunk.WhichOneof("item")
         if kind == "progress":
             self.progress.append(chunk.progress)
@@ -179,7 +188,7 @@ class MergeReceiver:
             raise _data_loss(f"merge stream starts at offset {header.offset}, expected {self.received}")
         self._stream_header = header
 
-    def _on_data(self, data: merge_pb2.DataChunk) -> None:
+    def _on_data(self, data: merge_pb2.DataChunk | DataView) -> None:
         if self._stream_header is None:
             raise _data_loss("merge stream sent data before its header")
         if data.offset != self.received:
@@ -187,7 +196,8 @@ class MergeReceiver:
         if self.received + len(data.data) > self._stream_header.total_bytes:
             total = self._stream_header.total_bytes
             raise _data_loss(f"merge stream sent more than the announced {total} bytes")
-        self._buf += data.data
+        self._pieces.append(data.data)
+        self._received += len(data.data)
         self._hash.update(data.data)
 
     def result(self) -> MergeResult:
@@ -205,4 +215,4 @@ class MergeReceiver:
         digest = self._hash.hexdigest()
         if digest != self.header.sha256 or self.trailer.sha256 != self.header.sha256:
             raise _data_loss(f"merged adapter sha256 is {digest}, header says {self.header.sha256}")
-        return MergeResult(self.header, bytes(self._buf), self.progress, resumed=self.streams - 1)
+        return MergeResult(self.header, b"".join(self._pieces), self.progress, resumed=self.streams - 1)
