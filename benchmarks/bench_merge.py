@@ -327,14 +327,19 @@ def measure() -> MergeBench:
 
 
 def run(report: Any) -> MergeBench:
-    """Entry point for benchmarks/run.py."""
-    r = measure()
+    """Entry point for benchmarks/run.py. BENCH_THREADS sets torch's intra-op threads for this benchmark
+    (both sides alike; on a shared or oversubscribed machine 1 gives steadier numbers)."""
+    prev = torch.get_num_threads()
+    threads = os.environ.get("BENCH_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        r = measure()
+    finally:
+        torch.set_num_threads(prev)
     report(r)
     return r
 
 
 if __name__ == "__main__":
-    threads = os.environ.get("BENCH_THREADS")
-    if threads:
-        torch.set_num_threads(int(threads))
-    print(measure().markdown())
+    run(lambda r: print(r.markdown()))

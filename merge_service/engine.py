@@ -23,10 +23,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from merge_service import kernels
 from merge_service.factorize import Factors, compress_factors, gaussian_sketch, sketch_width, truncate_dense
-from merge_service.spec import Space
+from merge_service.spec import SignMethod, Space
 from merge_service.strategies import (
     MaskStream,
     MergeParams,
@@ -167,12 +169,23 @@ def magnitude_threshold(
     lo = float(torch.quantile(sample, q - margin)) if q - margin > 0 else -1.0
     hi = float(torch.quantile(sample, q + margin)) if q + margin < 1 else math.inf
     above = 0
-    band: list[torch.Tensor] = []
-    for r0, r1 in blocks:
-        mag = (bs[r0:r1] @ a).abs_()
-        above += int((mag > hi).sum())
-        band.append(mag[(mag > lo) & (mag <= hi)])
-    inside = torch.cat(band)
+    if kernels.AVAILABLE and bs.device.type == "cpu":
+        expected = 2.0 * margin * n
+        band_np = np.empty(int(2 * expected) + 4096, dtype=np.float32)
+        filled = 0
+        for r0, r1 in blocks:
+            blk_above, filled = kernels.scan_band((bs[r0:r1] @ a).numpy(), lo, hi, band_np, filled)
+            above += blk_above
+        if filled > band_np.shape[0]:
+            return _exact_threshold((bs @ a).abs(), k)
+        inside = torch.from_numpy(band_np[:filled])
+    else:
+        band: list[torch.Tensor] = []
+        for r0, r1 in blocks:
+            mag = (bs[r0:r1] @ a).abs_()
+            above += int((mag > hi).sum())
+            band.append(mag[(mag > lo) & (mag <= hi)])
+        inside = torch.cat(band)
     need = k - above
     if not 0 < need <= inside.numel():
         return _exact_threshold((bs @ a).abs(), k)
@@ -212,6 +225,11 @@ def dense_merge(
     ties_left = [t.ties if t is not None else 0 for t in thresholds]
     merged = out.matrix(d_out, d_in, device) if out is not None else torch.empty(d_out, d_in, device=device)
     y = torch.empty(d_out, omega.shape[1], device=device) if omega is not None else None
+    if kernels.AVAILABLE and device.type == "cpu":
+        total_sq = _fused_blocks(
+            bs, parts, weights, strategy, params, seeds, thresholds, blocks, merged, omega, y
+        )
+        return merged, total_sq, y
     total_sq = 0.0
     for r0, r1 in blocks:
         pruned = []
@@ -240,6 +258,62 @@ def dense_merge(
         if y is not None:
             torch.matmul(block, omega, out=y[r0:r1])
     return merged, total_sq, y
+
+
+def _fused_blocks(
+    bs: list[torch.Tensor],
+    parts: Sequence[Part],
+    weights: Sequence[float],
+    strategy: StrategyDef,
+    params: MergeParams,
+    seeds: Sequence[int],
+    thresholds: list[Threshold | None],
+    blocks: list[tuple[int, int]],
+    merged: torch.Tensor,
+    omega: torch.Tensor | None,
+    y: torch.Tensor | None,
+) -> float:
+    """The CPU path of ``dense_merge``: per block, the n ΔW_i blocks by matmul, then one fused kernel."""
+    n, d_in = len(parts), parts[0].A.shape[1]
+    density = params.density
+    prune = kernels.PRUNE_NONE
+    if strategy.prune == "magnitude" and any(t is not None for t in thresholds):
+        prune = kernels.PRUNE_MAGNITUDE
+    elif strategy.prune == "random" and density < 1.0:
+        prune = kernels.PRUNE_RANDOM
+    th = np.array([t.value if t is not None else -1.0 for t in thresholds], dtype=np.float32)
+    ties_left = np.array([t.ties if t is not None else 0 for t in thresholds], dtype=np.int64)
+    rng = (
+        np.stack([kernels.sfc64_state(s) for s in seeds])
+        if prune == kernels.PRUNE_RANDOM
+        else np.zeros((n, 4), np.uint64)
+    )
+    keep_below = np.uint64(min(math.floor(density * 2.0**64), 2**64 - 1))
+    w = np.array(list(weights), dtype=np.float32)
+    max_rows = max(r1 - r0 for r0, r1 in blocks)
+    buf = torch.empty(n * max_rows * d_in)
+    total_sq = 0.0
+    for r0, r1 in blocks:
+        d = buf[: n * (r1 - r0) * d_in].view(n, r1 - r0, d_in)
+        for i in range(n):
+            torch.matmul(bs[i][r0:r1], parts[i].A, out=d[i])
+        block = merged[r0:r1]
+        total_sq += kernels.merge_block(
+            d.numpy(),
+            w,
+            prune,
+            th,
+            ties_left,
+            rng,
+            keep_below,
+            density,
+            strategy.combine == "disjoint",
+            params.sign_method == SignMethod.FREQUENCY,
+            block.numpy(),
+        )
+        if y is not None:
+            torch.matmul(block, omega, out=y[r0:r1])
+    return total_sq
 
 
 class Workspace:
