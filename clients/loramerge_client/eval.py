@@ -489,7 +489,8 @@ class Report:
             return ["error"] * len(self.suite.tasks) + ["", r.error]
         goal = self.goal.value(r)
         cells = [f"{r.scores[t]:.2f}" if t in r.scores else "-" for t in self.suite.task_names]
-        return [*cells, "" if r.config.kind != "merged" or math.isnan(goal) else f"{goal:.2f}", ""]
+        note = f"rank {r.usage['rank']}" if r.usage.get("rank") else ""
+        return [*cells, "" if r.config.kind != "merged" or math.isnan(goal) else f"{goal:.2f}", note]
 
     def to_markdown(self) -> str:
         head = ["configuration", *self.suite.task_names, f"goal ({self.goal.kind})", "note"]
@@ -561,7 +562,7 @@ def plot(report: Report, path: str | Path) -> None:
             dark = not math.isnan(v) and v < 0.6
             ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if dark else "black")
     fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label="score")
-    ax.set_title(f"{report.suite.name}: {report.goal.describe()}", fontsize=9, pad=22)
+    ax.set_title(f"{report.suite.name}: {report.goal.describe()}", fontsize=9, pad=28)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
