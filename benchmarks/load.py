@@ -34,7 +34,7 @@ import grpc.aio
 from loramerge.v1 import inference_pb2, inference_pb2_grpc, merge_pb2
 
 from inference_service.specs import normalize_spec
-from tests.faults.stack import MAX_LOADED_ADAPTERS, MAX_LORA_RANK, Stack
+from tests.faults.stack import MAX_LOADED_ADAPTERS, MAX_LORA_RANK, MAX_LORAS, Stack
 
 I = inference_pb2  # noqa: E741
 M = merge_pb2
@@ -298,6 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plain", action="store_true", help="no TLS, no tokens")
     parser.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
     args = parser.parse_args(argv)
+    if min(args.clients, args.specs) >= MAX_LORAS:
+        parser.error(
+            f"--clients and --specs both >= {MAX_LORAS} (vLLM max_loras): {MAX_LORAS} distinct adapters "
+            "in one batch kill the engine (tests/faults/test_engine_lora_slots.py)"
+        )
     cfg = LoadConfig(
         seconds=args.seconds,
         clients=args.clients,
