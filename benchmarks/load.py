@@ -50,8 +50,8 @@ PROMPTS = [
 @dataclass(frozen=True)
 class LoadConfig:
     seconds: float = 90.0
-    clients: int = 16
-    specs: int = MAX_LOADED_ADAPTERS + 3
+    clients: int = 12
+    specs: int = MAX_LOADED_ADAPTERS + 4  # more than stay loaded, fewer than vLLM's LoRA slots
     base_fraction: float = 0.3
     max_tokens: int = 8
     timeout: float = 120.0
