@@ -7,6 +7,7 @@ balanced round-robin over every address the name resolves to (a headless Kuberne
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import time
 from collections.abc import Callable
@@ -39,6 +40,31 @@ log = logging.getLogger(__name__)
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
 
 
+# glibc mallopt parameters.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def keep_freed_heap(mmap_threshold: int = 4 << 20, trim_threshold: int = 32 << 20) -> bool:
+    """Let glibc reuse freed memory for the next received message instead of returning it to the OS.
+
+    gRPC Python allocates each received message (about 1 MiB per data chunk) afresh. With glibc's
+    defaults those blocks are mmapped or trimmed off the heap when freed, and every page of the next
+    one faults in again: about 100,000 page faults per GB streamed, a third of the receiving CPU time
+    (benchmarks/bench_stream.py). Blocks under ``mmap_threshold`` now come from the heap, and up to
+    ``trim_threshold`` of free heap is kept. glibc's own dynamic thresholds reach similar values after
+    one large free; fixing them stops it falling back. Process-wide; False where there is no mallopt.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, trim_threshold)
+    )
+
+
 @dataclass(frozen=True)
 class Fetched:
     received: Received
@@ -64,6 +90,7 @@ class MergeClient:
     ) -> None:
         self.settings = settings
         self.target = settings.merge_service
+        keep_freed_heap()
         options = [
             ("grpc.lb_policy_name", "round_robin"),
             ("grpc.max_receive_message_length", 64 * 2**20),
