@@ -9,10 +9,12 @@
    The receiver does the same work for both: every byte lands in one preallocated buffer at its
    offset (the socket with ``recv_into``, gRPC by copying each data chunk's payload there). Rows
    without sha256 compare the transports; rows with it hash incrementally on both sides, as the real
-   receivers do before they accept an adapter. gRPC is received three ways: the generated stub
+   receivers do before they accept an adapter. gRPC is received four ways: the generated stub
    (protobuf parses each chunk and ``chunk.data.data`` copies it), ``merge_method`` (data chunks as
-   views into the received message, merge_service/chunks.py; what the inference service uses), and
-   ``merge_method`` with sha256.
+   views into the received message, merge_service/chunks.py; what the inference service uses),
+   ``merge_method`` with sha256, and the client library's ``MergeClient.merge`` (verified; paired with
+   the hashing socket run, though it does more: it returns the adapter as one new ``bytes`` each time,
+   whose pages fault in afresh, where the others reuse one buffer).
 
    Two receiver processes run side by side, round by round: one with glibc's allocator defaults, one
    that keeps freed heap for the next message (``keep_freed_heap``, as the inference service does).
@@ -49,12 +51,13 @@ from loramerge.v1 import merge_pb2, merge_pb2_grpc
 
 MiB = 1 << 20
 # Receive order within a round: each gRPC variant right after (or before) the socket run it is paired with.
-ROUND = ("view", "socket", "view+sha256", "socket+sha256", "stub")
-PAIRS = {"view": "socket", "view+sha256": "socket+sha256", "stub": "socket"}
+ROUND = ("view", "socket", "view+sha256", "socket+sha256", "client", "stub")
+PAIRS = {"view": "socket", "view+sha256": "socket+sha256", "client": "socket+sha256", "stub": "socket"}
 LABELS = {
     "stub": "gRPC Merge, generated stub (protobuf parse + copy)",
     "view": "gRPC Merge, merge_method (payload views)",
     "view+sha256": "gRPC Merge, merge_method + sha256",
+    "client": "loramerge_client MergeClient.merge (sha256, bytes result)",
     "socket": "plain TCP socket",
     "socket+sha256": "plain TCP socket + sha256",
 }
@@ -252,6 +255,8 @@ def minor_faults(pid: int) -> int:
 
 def _receivers(job: dict[str, Any]) -> dict[str, Callable[[bytearray], bytes | None]]:
     """One function per variant: receive the adapter into ``out``; the sha256 digest where hashed."""
+    from loramerge_client import MergeClient
+
     from merge_service.chunks import DataView, merge_method
 
     options = [("grpc.max_receive_message_length", 64 * MiB)]
@@ -292,7 +297,15 @@ def _receivers(job: dict[str, Any]) -> dict[str, Callable[[bytearray], bytes | N
                 got += n
         return digest.digest() if digest is not None else None
 
+    client = MergeClient(channel=channel, timeout=600)
+
+    def client_recv(out: bytearray) -> bytes:
+        """The library verifies size and sha256 itself; its result is a new ``bytes``, not ``out``."""
+        result = client.merge(request.spec)
+        return bytes.fromhex(result.sha256) if len(result.data) == size else b""
+
     return {
+        "client": client_recv,
         "stub": stub_recv,
         "view": lambda out: view_recv(out, False),
         "view+sha256": lambda out: view_recv(out, True),

@@ -49,11 +49,12 @@ def keep_freed_heap(mmap_threshold: int = 4 << 20, trim_threshold: int = 32 << 2
     """Let glibc reuse freed memory for the next received message instead of returning it to the OS.
 
     gRPC Python allocates each received message (about 1 MiB per data chunk) afresh. With glibc's
-    defaults those blocks are mmapped or trimmed off the heap when freed, and every page of the next
-    one faults in again: about 100,000 page faults per GB streamed, a third of the receiving CPU time
-    (benchmarks/bench_stream.py). Blocks under ``mmap_threshold`` now come from the heap, and up to
-    ``trim_threshold`` of free heap is kept. glibc's own dynamic thresholds reach similar values after
-    one large free; fixing them stops it falling back. Process-wide; False where there is no mallopt.
+    defaults those blocks are mmapped, or trimmed off the heap when a few are freed together, and the
+    pages of the next ones fault in again: 60 to 200 page faults per MB received, about a third of the
+    receiving CPU time (benchmarks/bench_stream.py). Blocks under ``mmap_threshold`` now come from the
+    heap, and up to ``trim_threshold`` of free heap is kept: values within the range glibc's own
+    dynamic thresholds move in (up to 32 MiB and 64 MiB), fixed so that they stay there.
+    Process-wide; False where there is no mallopt (not glibc).
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
