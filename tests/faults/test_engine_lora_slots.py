@@ -7,9 +7,11 @@ one evicts one of the batch's own adapters and the worker fails (``KeyError`` in
 ``convert_mapping``): EngineDeadError, and every request gets UNAVAILABLE until a restart. Any client
 can trigger it by sending ``max_loras`` different specs at the same time.
 
-Marked xfail (strict) until the inference service keeps in-flight adapters within the slots it
-really has (e.g. do not pin the zero adapter in the GPU cache, or hand vLLM one more slot than
-merged adapters may use). It may stop the ``hardened_stack`` inference service, so it runs last.
+Checked with AsyncLLM directly (4 slots, 4 merged adapters and base requests at once): with
+``pin_lora`` of the zero adapter the engine dies; without it all requests complete (vLLM reloads an
+unpinned zero adapter from its directory when needed). Marked xfail (strict) until
+inference_service/engine.py stops pinning it. It may stop the ``hardened_stack`` inference service,
+so it runs last.
 """
 
 from __future__ import annotations
