@@ -50,7 +50,7 @@ import grpc
 from loramerge.v1 import merge_pb2, merge_pb2_grpc
 
 MiB = 1 << 20
-# Receive order within a round: each gRPC variant right after (or before) the socket run it is paired with.
+# Receive order within a round; each gRPC variant is paired with a socket run of the same round.
 ROUND = ("view", "socket", "view+sha256", "socket+sha256", "client", "stub")
 PAIRS = {"view": "socket", "view+sha256": "socket+sha256", "client": "socket+sha256", "stub": "socket"}
 LABELS = {
@@ -113,8 +113,10 @@ class StreamResults:
         intro = (
             f"A cached {mb:.0f} MB adapter in {self.chunk_bytes >> 10} KiB chunks over loopback, "
             f"{self.repeats} rounds; each gRPC run is paired with the socket run next to it. "
-            "Both receive into a preallocated buffer; the sha256 rows hash on both sides. "
-            "CPU: user+system time of the receiving and the sending process per GB."
+            "Both receive into a preallocated buffer (the client library row excepted: it returns a new "
+            "bytes each call); the sha256 rows hash on both sides. CPU: user+system time of the receiving "
+            "and the sending process per GB; CPU-bound ratio: socket's busier end over gRPC's busier end, "
+            "the ratio to expect with a core for each end."
         )
         return intro + "\n\n" + throughput + "\n\n" + latency
 
