@@ -32,7 +32,7 @@ def adapter_root(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> 
 def hardened_stack(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, adapter_root: Path):
     """Merge service (mTLS, bearer token, disk cache, small request limits) and inference service (TLS,
     bearer token, at most 3 adapters loaded) as processes, joined through a steerable TCP proxy over
-    mutual TLS; see tests/faults/stack.py. Tests marked ``stops_hardened_stack`` run last."""
+    mutual TLS; see tests/faults/stack.py. Tests marked ``stops_a_service`` run last."""
     from tests.faults.stack import Stack, default_limits, stack_adapter_root
 
     root = tmp_path_factory.mktemp("hardened-stack")
@@ -46,9 +46,11 @@ def hardened_stack(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, a
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "stops_hardened_stack: stops a hardened_stack service; runs after every other test"
+        "markers",
+        "stops_a_service: stops a session-scoped service (hardened_stack's or the e2e inference service); "
+        "runs after every other test",
     )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: item.get_closest_marker("stops_hardened_stack") is not None)
+    items.sort(key=lambda item: item.get_closest_marker("stops_a_service") is not None)

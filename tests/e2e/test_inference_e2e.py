@@ -463,8 +463,8 @@ def engine_core(pid: int):
 
 
 # It ends the session's inference service, so it must run after every test that uses it: the
-# stops_hardened_stack marker sorts it to the end (it costs no vLLM start of its own).
-@pytest.mark.stops_hardened_stack
+# stops_a_service marker sorts it to the end (it costs no vLLM start of its own).
+@pytest.mark.stops_a_service
 def test_engine_core_death_fails_streams_and_exits_non_zero(inference_stub, inference_service):
     import psutil
 

@@ -17,7 +17,7 @@ from loramerge.v1 import inference_pb2, inference_pb2_grpc, merge_pb2
 
 from tests.faults.stack import Stack
 
-pytestmark = [pytest.mark.e2e, pytest.mark.stops_hardened_stack]
+pytestmark = [pytest.mark.e2e, pytest.mark.stops_a_service]
 
 I = inference_pb2  # noqa: E741
 M = merge_pb2
