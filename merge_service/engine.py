@@ -70,7 +70,13 @@ def delta_dense(part: Part) -> torch.Tensor:
 
 def linear_factors(parts: Sequence[Part], weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank concatenation: B = [w_i s_i B_i], A = [A_i] so that B·A = Σ w_i s_i B_i A_i exactly."""
-    B = torch.cat([p.B * (w * p.scale) for p, w in zip(parts, weights, strict=True)], dim=1)
+    total = sum(p.A.shape[0] for p in parts)
+    B = torch.empty(parts[0].B.shape[0], total, dtype=parts[0].B.dtype, device=parts[0].B.device)
+    off = 0
+    for p, w in zip(parts, weights, strict=True):
+        r = p.A.shape[0]
+        torch.mul(p.B, w * p.scale, out=B[:, off : off + r])  # written in place: one pass per factor
+        off += r
     A = torch.cat([p.A for p in parts], dim=0)
     return B, A
 
@@ -166,8 +172,10 @@ def magnitude_threshold(
     sample = (bs[idx // d_in] * a[:, idx % d_in].T).sum(dim=1).abs()
     q = 1.0 - k / n
     margin = 6.0 * math.sqrt(q * (1.0 - q) / THRESHOLD_SAMPLE) + 2.0 / THRESHOLD_SAMPLE
-    lo = float(torch.quantile(sample, q - margin)) if q - margin > 0 else -1.0
-    hi = float(torch.quantile(sample, q + margin)) if q + margin < 1 else math.inf
+    ordered = torch.sort(sample).values
+    last = THRESHOLD_SAMPLE - 1
+    lo = float(ordered[math.floor((q - margin) * last)]) if q - margin > 0 else -1.0
+    hi = float(ordered[math.ceil((q + margin) * last)]) if q + margin < 1 else math.inf
     above = 0
     if kernels.AVAILABLE and bs.device.type == "cpu":
         expected = 2.0 * margin * n
