@@ -34,7 +34,7 @@ import grpc.aio
 from loramerge.v1 import inference_pb2, inference_pb2_grpc, merge_pb2
 
 from inference_service.specs import normalize_spec
-from tests.faults.stack import MAX_LOADED_ADAPTERS, MAX_LORA_RANK, MAX_LORAS, Stack
+from tests.faults.stack import MAX_LOADED_ADAPTERS, MAX_LORA_RANK, Stack
 
 I = inference_pb2  # noqa: E741
 M = merge_pb2
@@ -51,7 +51,7 @@ PROMPTS = [
 class LoadConfig:
     seconds: float = 90.0
     clients: int = 12
-    specs: int = MAX_LOADED_ADAPTERS + 4  # more than stay loaded, fewer than vLLM's LoRA slots
+    specs: int = MAX_LOADED_ADAPTERS + 4  # more than stay loaded, and more than vLLM's LoRA slots
     base_fraction: float = 0.3
     max_tokens: int = 8
     timeout: float = 120.0
@@ -298,11 +298,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plain", action="store_true", help="no TLS, no tokens")
     parser.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
     args = parser.parse_args(argv)
-    if min(args.clients, args.specs) >= MAX_LORAS:
-        parser.error(
-            f"--clients and --specs both >= {MAX_LORAS} (vLLM max_loras): {MAX_LORAS} distinct adapters "
-            "in one batch kill the engine (tests/faults/test_engine_lora_slots.py)"
-        )
     cfg = LoadConfig(
         seconds=args.seconds,
         clients=args.clients,

@@ -101,8 +101,11 @@ class Engine:
             if zero:
                 path = write_zero_adapter(work_dir / ZERO_ADAPTER_NAME, settings.model, settings.model_name)
                 base_lora = LoRARequest(ZERO_ADAPTER_NAME, ZERO_ADAPTER_ID, str(path))
+                # Not pinned: a pinned adapter keeps one of the max_loras batch slots that vLLM's scheduler
+                # still hands out, so max_loras distinct merged adapters in one batch evict one of their
+                # own and the worker dies. Unpinned, vLLM evicts it like any adapter and reloads it
+                # from its folder, which lives in work_dir as long as the service.
                 await llm.add_lora(base_lora)
-                await llm.pin_lora(ZERO_ADAPTER_ID)
         except BaseException:
             llm.shutdown()
             raise
@@ -118,7 +121,8 @@ class Engine:
 
     @property
     def reserved_lora_slots(self) -> int:
-        """vLLM CPU-cache slots not available to merged adapters."""
+        """vLLM CPU-cache slots kept free of merged adapters (the zero adapter's, when it serves base
+        requests), so that the registry's bound does not make vLLM evict it on every load."""
         return 1 if self._base_lora is not None else 0
 
     async def add_lora(self, name: str, lora_int_id: int, path: Path) -> None:
