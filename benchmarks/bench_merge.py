@@ -203,7 +203,7 @@ def measure() -> MergeBench:
                 for name, ps in parts.items():
                     results[name] = merge_module(name, ps, WEIGHTS, keys, s, params, space, rank, ws)
 
-        return best(go, 3 if strategy == "linear" else 2), results
+        return best(go, 7 if strategy == "linear" else 2), results
 
     def peft(kind: str, reps: int = 1, **kw: Any) -> tuple[float, dict[str, torch.Tensor]]:
         times = []
