@@ -7,6 +7,11 @@ module (one dense d_out×d_in matrix at a time at most), on CUDA when present wi
 
 Adapters are merged in a canonical order (content digest, then weight), the same order the merge
 key sorts them in, so a permuted request gives the same key and the same bytes.
+
+Reproducibility: the same plan gives byte-identical output on the same kind of device and software
+stack. DARE masks and SVD sketches are drawn on the CPU whatever the device, so CPU and CUDA merges
+prune the same entries; their matmuls and SVDs still round differently, so their bytes may differ in
+the last bits (the merge key does not name the device).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from merge_service import strategies
 from merge_service.adapter import (
     AdapterConfig,
     LoraAdapter,
+    all_finite,
     check_structure,
     load_adapter,
     read_config,
@@ -335,13 +341,19 @@ class Merger:
                 parts.append(None if mod is None else Part(mod.A, mod.B, mod.scale))
             self._check_loaded(shape, parts, adapters)
             with torch.no_grad():
-                result = merge_module(
-                    shape.name, parts, weights, keys, strategy, params, spec.space, plan.rank, workspace
-                )
+                try:
+                    result = merge_module(
+                        shape.name, parts, weights, keys, strategy, params, spec.space, plan.rank, workspace
+                    )
+                except torch.linalg.LinAlgError as e:  # a dense merge that overflowed float32 has no SVD
+                    if "non-finite" not in str(e):
+                        raise
+                    raise overflow_error(spec, shape.name, "the merged update", None) from e
                 B, A = pad_rank(result, plan.rank)
             name_a, name_b = tensor_names(shape.name)
             tensors[name_a] = A.to(device="cpu", dtype=out_dtype)
             tensors[name_b] = B.to(device="cpu", dtype=out_dtype)
+            check_representable(spec, shape.name, B, A, tensors[name_b], tensors[name_a])
             stats.append(ModuleStat(shape.name, result.rank, float(result.relative_error)))
             if progress:
                 progress("merge", n + 1, len(plan.modules))
@@ -381,6 +393,59 @@ class Merger:
             },
             "rank": plan.rank,
         }
+
+
+def overflow_error(spec: MergeSpec, module: str, what: str, peak: float | None) -> InvalidArgument:
+    """The error for a merge whose ``what`` (of ``module``) reaches ``peak`` (None: not finite even in
+    float32): the dtype is named when float32 would hold it, else the heaviest adapter's weight."""
+    heaviest = max(range(len(spec.adapters)), key=lambda i: abs(spec.adapters[i].weight))
+    weight, value = f"spec.adapters[{heaviest}].weight", spec.adapters[heaviest].weight
+    f32_max = torch.finfo(torch.float32).max
+    if peak is not None and peak <= f32_max:
+        limit = torch.finfo(TORCH_DTYPES[spec.dtype]).max
+        return InvalidArgument(
+            f"spec.dtype {spec.dtype}: {what} of module {module!r} reaches {peak:.4g}, beyond the largest "
+            f"{spec.dtype} value {limit:.6g}; lower the adapters' weights (the largest is {weight} = "
+            f"{value:g}) or use float32",
+            field="spec.dtype",
+        )
+    reach = "overflows" if peak is None else f"reaches {peak:.4g}, beyond"
+    return InvalidArgument(
+        f"{weight} = {value:g}: {what} of module {module!r} {reach} float32 (largest value "
+        f"{f32_max:.6g}); lower the adapters' weights",
+        field=weight,
+    )
+
+
+def product_peak(B: torch.Tensor, A: torch.Tensor, limit: float, block_elements: int = 1 << 20) -> float:
+    """max |(B·A)_ij| in float64 if it may exceed ``limit``, else a bound at most ``limit``.
+
+    |(B·A)_ij| <= ||B_i,:||·||A_:,j|| (Cauchy-Schwarz) bounds it cheaply; only when that bound is
+    above ``limit`` is B·A formed, a block of rows at a time."""
+    B, A = B.double(), A.double()
+    bound = float(torch.linalg.vector_norm(B, dim=1).max() * torch.linalg.vector_norm(A, dim=0).max())
+    if bound <= limit:
+        return bound
+    rows = max(1, block_elements // max(1, A.shape[1]))
+    return max(float((B[i : i + rows] @ A).abs().max()) for i in range(0, B.shape[0], rows))
+
+
+def check_representable(
+    spec: MergeSpec, module: str, B: torch.Tensor, A: torch.Tensor, B_out: torch.Tensor, A_out: torch.Tensor
+) -> None:
+    """Refuse (InvalidArgument) merged factors, or an update ΔW = B·A, that the output dtype cannot hold.
+
+    Finite weights can still overflow: float16 ends at 65504, and float32 at 3.4e38. ``B``, ``A``: the
+    merged factors in float32; ``B_out``, ``A_out``: the same cast to the output dtype."""
+    if not (all_finite(B) and all_finite(A)):
+        raise overflow_error(spec, module, "the merged factors", None)
+    if not (all_finite(B_out) and all_finite(A_out)):
+        peak = max(float(B.abs().max()), float(A.abs().max()))
+        raise overflow_error(spec, module, "the merged factors", peak)
+    limit = torch.finfo(B_out.dtype).max
+    peak = product_peak(B, A, limit)
+    if peak > limit:
+        raise overflow_error(spec, module, "the merged update B·A", peak)
 
 
 def _adapter_keys(digests: list[str]) -> list[str]:
