@@ -348,7 +348,7 @@ class Merger:
                 except torch.linalg.LinAlgError as e:  # a dense merge that overflowed float32 has no SVD
                     if "non-finite" not in str(e):
                         raise
-                    raise overflow_error(spec, shape.name, "the merged update", None) from e
+                    raise overflow_error(spec, shape.name, "the merged update ΔW", None) from e
                 B, A = pad_rank(result, plan.rank)
             name_a, name_b = tensor_names(shape.name)
             tensors[name_a] = A.to(device="cpu", dtype=out_dtype)
@@ -396,23 +396,23 @@ class Merger:
 
 
 def overflow_error(spec: MergeSpec, module: str, what: str, peak: float | None) -> InvalidArgument:
-    """The error for a merge whose ``what`` (of ``module``) reaches ``peak`` (None: not finite even in
-    float32): the dtype is named when float32 would hold it, else the heaviest adapter's weight."""
+    """The error for a merge whose ``what`` (of ``module``) holds values up to ``peak`` (None: not finite
+    even in float32): the dtype is named when float32 would hold them, else the heaviest adapter's weight."""
     heaviest = max(range(len(spec.adapters)), key=lambda i: abs(spec.adapters[i].weight))
     weight, value = f"spec.adapters[{heaviest}].weight", spec.adapters[heaviest].weight
     f32_max = torch.finfo(torch.float32).max
     if peak is not None and peak <= f32_max:
         limit = torch.finfo(TORCH_DTYPES[spec.dtype]).max
         return InvalidArgument(
-            f"spec.dtype {spec.dtype}: {what} of module {module!r} reaches {peak:.4g}, beyond the largest "
-            f"{spec.dtype} value {limit:.6g}; lower the adapters' weights (the largest is {weight} = "
-            f"{value:g}) or use float32",
+            f"spec.dtype {spec.dtype}: module {module!r}: {what} holds values up to {peak:.4g}, beyond the "
+            f"largest {spec.dtype} value {limit:.6g}; lower the adapters' weights (the largest is {weight} "
+            f"= {value:g}) or use float32",
             field="spec.dtype",
         )
-    reach = "overflows" if peak is None else f"reaches {peak:.4g}, beyond"
+    values = "overflows float32" if peak is None else f"holds values up to {peak:.4g}, beyond float32"
     return InvalidArgument(
-        f"{weight} = {value:g}: {what} of module {module!r} {reach} float32 (largest value "
-        f"{f32_max:.6g}); lower the adapters' weights",
+        f"{weight} = {value:g}: module {module!r}: {what} {values} (largest value {f32_max:.6g}); "
+        "lower the adapters' weights",
         field=weight,
     )
 
@@ -438,14 +438,14 @@ def check_representable(
     Finite weights can still overflow: float16 ends at 65504, and float32 at 3.4e38. ``B``, ``A``: the
     merged factors in float32; ``B_out``, ``A_out``: the same cast to the output dtype."""
     if not (all_finite(B) and all_finite(A)):
-        raise overflow_error(spec, module, "the merged factors", None)
+        raise overflow_error(spec, module, "a merged factor", None)
     if not (all_finite(B_out) and all_finite(A_out)):
         peak = max(float(B.abs().max()), float(A.abs().max()))
-        raise overflow_error(spec, module, "the merged factors", peak)
+        raise overflow_error(spec, module, "a merged factor", peak)
     limit = torch.finfo(B_out.dtype).max
     peak = product_peak(B, A, limit)
     if peak > limit:
-        raise overflow_error(spec, module, "the merged update B·A", peak)
+        raise overflow_error(spec, module, "the merged update ΔW = B·A", peak)
 
 
 def _adapter_keys(digests: list[str]) -> list[str]:
