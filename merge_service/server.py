@@ -65,7 +65,9 @@ def build_server(
         disk_bytes=settings.cache_disk_bytes,
         metrics=metrics,
     )
-    flights: SingleFlight[BuildResult] = SingleFlight(settings.max_concurrent_builds, metrics)
+    flights: SingleFlight[BuildResult] = SingleFlight(
+        settings.max_concurrent_builds, metrics, max_queued=settings.max_queued_builds
+    )
     servicer = MergeServicer(
         merger,
         cache,

@@ -37,6 +37,11 @@ class MergeSettings(ServerSettings):
         8 * GiB, "most input bytes one merge may read; 0: no limit", byte_size=True
     )
     max_concurrent_builds: int = setting(2, "merges computed at the same time; others wait")
+    max_queued_builds: int = setting(
+        64,
+        "merges of new keys that may wait for a build slot; beyond, RESOURCE_EXHAUSTED (requests for a "
+        "key already building always join it); 0: no limit",
+    )
     device: str = setting("auto", "where merges run: auto, cpu or cuda")
     s3_endpoint_url: str | None = setting(None, "S3-compatible endpoint (MinIO, Ceph...); unset: AWS")
     s3_region: str | None = setting(None, "S3 region; unset: boto3's choice (AWS_REGION, profile)")
@@ -56,6 +61,7 @@ class MergeSettings(ServerSettings):
             (self.chunk_bytes <= self.max_send_message_bytes - 1024, "chunk_bytes", self.chunk_bytes),
             (self.max_adapters >= 1, "max_adapters", self.max_adapters),
             (self.max_concurrent_builds >= 1, "max_concurrent_builds", self.max_concurrent_builds),
+            (self.max_queued_builds >= 0, "max_queued_builds", self.max_queued_builds),
             (self.cache_memory_bytes >= 0, "cache_memory_bytes", self.cache_memory_bytes),
             (self.log_format in ("json", "text"), "log_format", self.log_format),
             (

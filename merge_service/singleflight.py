@@ -9,7 +9,9 @@ it. Each ticket sees the build's progress events (sent from the build thread wit
             ...
         value = await ticket.result()             # the build's value, or its exception re-raised
 
-Builds run in a pool of ``max_concurrent`` threads; more wait for a slot. A build belongs to no
+Builds run in a pool of ``max_concurrent`` threads; up to ``max_queued`` more wait for a slot (0: no
+bound), and a new key beyond that is refused with ResourceExhausted at once rather than waiting
+without bound; joining a key already building is always allowed (it adds no work). A build belongs to no
 single request: a waiter that cancels leaves it running for the others, and when the last waiter
 goes the build still finishes (its result is usually cached by the build function, so the work is
 not lost). A failed build hands its exception to every waiter and is forgotten, so the next request
@@ -25,7 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, NamedTuple, TypeVar
 
-from loramerge_common.errors import Unavailable
+from loramerge_common.errors import ResourceExhausted, Unavailable
 from merge_service.metrics import MergeMetrics
 
 log = logging.getLogger(__name__)
@@ -98,10 +100,13 @@ class Ticket(Generic[T]):
 
 
 class SingleFlight(Generic[T]):
-    def __init__(self, max_concurrent: int, metrics: MergeMetrics | None = None) -> None:
+    def __init__(self, max_concurrent: int, metrics: MergeMetrics | None = None, max_queued: int = 0) -> None:
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent must be at least 1, got {max_concurrent}")
+        if max_queued < 0:
+            raise ValueError(f"max_queued must be >= 0 (0: no limit), got {max_queued}")
         self.max_concurrent = max_concurrent
+        self.max_queued = max_queued
         self.metrics = metrics
         self._pool = ThreadPoolExecutor(max_concurrent, thread_name_prefix="merge-build")
         self._slots = asyncio.Semaphore(max_concurrent)
@@ -113,12 +118,19 @@ class SingleFlight(Generic[T]):
 
     def begin(self, key: str, build: Callable[[ProgressFn], T]) -> Ticket[T]:
         """Join the build running for ``key``, or start ``build`` (a blocking function of a progress
-        callback) for it. Call on the event loop."""
+        callback) for it. Call on the event loop. ResourceExhausted when ``key`` is not building and
+        max_concurrent builds run with max_queued more waiting."""
         flight = self._flights.get(key)
         if flight is not None:
             if self.metrics:
                 self.metrics.singleflight_joins.inc()
             return Ticket(flight, joined=True)
+        if self.max_queued and len(self._flights) >= self.max_concurrent + self.max_queued:
+            raise ResourceExhausted(
+                f"the merge service is busy: {len(self._flights)} merges are running or waiting, its limit "
+                f"(max_concurrent_builds {self.max_concurrent} + max_queued_builds {self.max_queued}); "
+                "retry later"
+            )
         loop = asyncio.get_running_loop()
         flight = _Flight(loop)
         self._flights[key] = flight

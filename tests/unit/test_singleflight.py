@@ -8,7 +8,7 @@ import threading
 import pytest
 from prometheus_client import CollectorRegistry
 
-from loramerge_common.errors import NotFound
+from loramerge_common.errors import NotFound, ResourceExhausted
 from loramerge_common.metrics import sample_value
 from merge_service.metrics import MergeMetrics
 from merge_service.singleflight import Progress, SingleFlight
@@ -113,3 +113,48 @@ def test_builds_are_bounded_by_max_concurrent() -> None:
 
     asyncio.run(main())
     assert 1 <= peak[0] <= 2
+
+
+def test_new_keys_beyond_running_and_queued_capacity_are_refused_joiners_are_not() -> None:
+    release = threading.Event()
+
+    def build(progress) -> str:
+        release.wait(10)
+        return "built"
+
+    async def main() -> None:
+        sf: SingleFlight[str] = SingleFlight(1, max_queued=2)
+        tickets = [sf.begin(f"k{i}", build) for i in range(3)]  # one running, two waiting
+        await asyncio.sleep(0.05)
+        with pytest.raises(ResourceExhausted) as info:
+            sf.begin("k3", build)
+        assert "max_concurrent_builds 1 + max_queued_builds 2" in info.value.message
+        assert "3 merges are running or waiting" in info.value.message
+        assert sorted(sf.in_flight()) == ["k0", "k1", "k2"]  # the refused key left nothing behind
+        joiners = [sf.begin(f"k{i}", build) for i in (0, 2)]  # joining adds no work: always allowed
+        assert all(t.joined for t in joiners)
+        release.set()
+        assert [await t.result() for t in tickets + joiners] == ["built"] * 5
+        assert await sf.begin("k3", build).result() == "built"  # room again
+        await sf.close()
+
+    asyncio.run(main())
+
+
+def test_max_queued_zero_leaves_the_queue_unbounded() -> None:
+    release = threading.Event()
+
+    def build(progress) -> int:
+        release.wait(10)
+        return 1
+
+    async def main() -> None:
+        sf: SingleFlight[int] = SingleFlight(1, max_queued=0)
+        tickets = [sf.begin(f"k{i}", build) for i in range(40)]
+        release.set()
+        assert sum([await t.result() for t in tickets]) == 40
+        await sf.close()
+
+    asyncio.run(main())
+    with pytest.raises(ValueError, match="max_queued must be >= 0"):
+        SingleFlight(1, max_queued=-1)
