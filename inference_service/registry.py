@@ -11,7 +11,8 @@
   verified, written into its own new folder and registered with ``add_lora`` under a new name and
   a new lora_int_id before any request uses it: a bad adapter fails that request, not the engine.
 - The number of registered adapters is bounded: the least recently used one that no running
-  request holds is removed from vLLM and from disk.
+  request holds is removed from vLLM and from disk. While every registered adapter is in use the
+  bound is exceeded; releasing a lease then evicts back down to it.
 """
 
 from __future__ import annotations
@@ -383,6 +384,10 @@ class AdapterRegistry:
         entry.leases -= 1
         if entry.removed and entry.leases == 0:
             await self._drop(entry)
+        elif len(self._by_key) > self.max_loaded:  # went over the bound while all were in use
+            async with self._lock:
+                # Spare adapters never leased yet: their fetch's waiters are about to use them.
+                await self._evict_down_to(self.max_loaded, spare_unused=True)
 
     async def _fetch_and_register(
         self, spec: merge_pb2.MergeSpec, fingerprint: str, deadline: float, field_namer: Callable[[str], str]
@@ -471,12 +476,20 @@ class AdapterRegistry:
     async def _make_room(self) -> None:
         """Evict least recently used adapters no request holds until one more fits. Adapters in use
         are never evicted; if all are in use the bound is exceeded until they are released."""
-        while len(self._by_key) >= self.max_loaded:
-            victim = next((e for e in self._by_key.values() if e.leases == 0), None)
+        if not await self._evict_down_to(self.max_loaded - 1):
+            log.warning("all %d loaded adapters are in use; going over the bound", len(self._by_key))
+
+    async def _evict_down_to(self, count: int, spare_unused: bool = False) -> bool:
+        """Evict least recently used adapters no request holds until at most ``count`` are registered;
+        False when the ones left are all in use (or, with ``spare_unused``, never used yet)."""
+        while len(self._by_key) > count:
+            victim = next(
+                (e for e in self._by_key.values() if e.leases == 0 and (e.requests or not spare_unused)), None
+            )
             if victim is None:
-                log.warning("all %d loaded adapters are in use; going over the bound", len(self._by_key))
-                return
+                return False
             await self._remove(victim, reason="lru")
+        return True
 
     async def _remove(self, entry: Entry, reason: str) -> None:
         self._by_key.pop(entry.merge_key, None)

@@ -35,11 +35,12 @@ def test_short_sustained_load(hardened_stack: Stack) -> None:
     assert result.evictions > 0 and result.merge_fetches > cfg.specs
 
     # Bounded: at most the loaded adapters plus one being fetched per client (2 files each, plus
-    # the zero adapter's 2): adapters in use are never evicted, so the registry may stay above
-    # max_loaded while every loaded one is in use. At the end only the listed adapters' files are left.
+    # the zero adapter's 2): adapters in use are never evicted, so the registry may go above
+    # max_loaded while every loaded one is in use, and releasing them brings it back. At the end only
+    # the listed adapters' files are left.
     assert result.max_loaded == MAX_LOADED_ADAPTERS
     assert result.adapter_files_peak <= 2 * (MAX_LOADED_ADAPTERS + CLIENTS) + 2
-    assert result.adapters_loaded_final <= MAX_LOADED_ADAPTERS + CLIENTS
+    assert result.adapters_loaded_final <= MAX_LOADED_ADAPTERS
     assert result.adapter_files_final == 2 * result.adapters_loaded_final + 2
     assert stack.adapter_folders() and len(stack.adapter_folders()) == result.adapters_loaded_final
 

@@ -255,3 +255,58 @@ def test_merge_key_lookups(tmp_path):
             registry.for_key("zzz")
 
     asyncio.run(main())
+
+
+def evictions(metrics: InferenceMetrics) -> float:
+    return sample_value(metrics.registry, "loramerge_inference_adapter_evictions_total", {"reason": "lru"})
+
+
+def test_releasing_leases_shrinks_a_registry_left_over_its_bound(tmp_path):
+    """Every adapter in use: the registry goes over its bound; the releases bring it back (no new
+    load needed), evicting the least recently used idle adapters from the engine and the disk."""
+
+    async def main():
+        registry, engine, _, metrics = make(tmp_path, max_loaded=2)
+        leases = [await registry.for_spec(spec(name)) for name in ("a", "b", "c")]
+        assert len(registry.entries()) == 3 and evictions(metrics) == 0
+        for lease in leases:
+            await lease.__aexit__(None, None, None)
+        assert [e.merge_key for e in registry.entries()] == ["b", "c"]
+        assert len(engine.loaded) == 2 and folders(registry) == 2 and evictions(metrics) == 1
+
+    asyncio.run(main())
+
+
+async def pushed(key: str):
+    """A LoadAdapter stream (Merge chunk format) of a tiny adapter with merge key ``key``."""
+    data = key.encode() * 10
+    digest = hashlib.sha256(data).hexdigest()
+    config = json.dumps({"r": 4, "base_model_name_or_path": "base"})
+    yield M.MergeChunk(
+        header=M.MergeHeader(
+            merge_key=key, adapter_config_json=config, total_bytes=len(data), sha256=digest, rank=4
+        )
+    )
+    yield M.MergeChunk(data=M.DataChunk(offset=0, data=data))
+    yield M.MergeChunk(trailer=M.MergeTrailer(total_bytes=len(data), sha256=digest))
+
+
+def test_a_release_spares_adapters_not_used_yet(tmp_path):
+    """A release evicts only adapters that served a request: one just registered (its requests are about
+    to lease it) stays, even when it is the least recently used; the next load evicts it as usual."""
+
+    async def main():
+        registry, engine, _, _ = make(tmp_path, max_loaded=1)
+        first = await registry.for_spec(spec("a"))
+        await registry.load_pushed(pushed("p"))  # a is in use: over the bound
+        second = await registry.for_spec(spec("a"))  # a is the most recently used now
+        assert [e.merge_key for e in registry.entries()] == ["p", "a"]
+        await first.__aexit__(None, None, None)  # a still held, p never used: nothing to evict
+        assert [e.merge_key for e in registry.entries()] == ["p", "a"]
+        await second.__aexit__(None, None, None)
+        assert [e.merge_key for e in registry.entries()] == ["p"] and len(engine.loaded) == 1
+        async with await registry.for_spec(spec("b")):
+            pass
+        assert [e.merge_key for e in registry.entries()] == ["b"] and folders(registry) == 1
+
+    asyncio.run(main())
