@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import os
 import random
 import sys
 import tempfile
@@ -159,7 +160,9 @@ def tree_rss(pid: int) -> int:
 
 
 def count_files(directory: Path) -> int:
-    return sum(1 for p in directory.rglob("*") if p.is_file())
+    """Files under ``directory``; folders removed while it is walked are skipped (os.walk ignores
+    their errors, where Path.rglob raises and would end the sampler thread)."""
+    return sum(len(files) for _, _, files in os.walk(directory))
 
 
 class Sampler(threading.Thread):
