@@ -17,7 +17,7 @@ from loramerge.v1 import inference_pb2
 
 from inference_service.settings import KV_CACHE_CPU_DEFAULT, EngineSettings
 from inference_service.zero_adapter import ZERO_ADAPTER_NAME, write_zero_adapter
-from loramerge_common.errors import InvalidArgument, ResourceExhausted, Unavailable
+from loramerge_common.errors import InvalidArgument, ResourceExhausted, Unavailable, shown
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,9 @@ class Engine:
             await self._llm.add_lora(LoRARequest(name, lora_int_id, str(path)))
         except Exception as e:
             self._raise_if_dead()
-            raise InvalidArgument(f"vLLM rejected adapter {name}: {e}", field="adapter") from e
+            raise InvalidArgument(
+                f"vLLM rejected adapter {name}: {shown(str(e), 300, quote=False)}", field="adapter"
+            ) from e
 
     async def remove_lora(self, lora_int_id: int) -> None:
         if self._llm.errored:
@@ -166,17 +168,18 @@ class Engine:
         except EngineDeadError as e:
             raise Unavailable("the vLLM engine has died; the service must be restarted") from e
         except VLLMValidationError as e:
-            raise InvalidArgument(str(e), field=request_field(e.parameter)) from e
+            raise InvalidArgument(shown(str(e), 300, quote=False), field=request_field(e.parameter)) from e
         except VLLMClientError as e:
-            raise ResourceExhausted(f"vLLM refused the request: {e}") from e
+            raise ResourceExhausted(f"vLLM refused the request: {shown(str(e), 300, quote=False)}") from e
         except EngineGenerateError as e:
             if isinstance(e.__cause__, ValueError | TypeError):  # input vLLM could not process
                 raise InvalidArgument(
-                    f"vLLM could not process the request: {e.__cause__}", field="prompt"
+                    f"vLLM could not process the request: {shown(str(e.__cause__), 300, quote=False)}",
+                    field="prompt",
                 ) from e
             raise
         except ValueError as e:
-            raise InvalidArgument(str(e), field="prompt") from e
+            raise InvalidArgument(shown(str(e), 300, quote=False), field="prompt") from e
 
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)

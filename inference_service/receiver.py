@@ -23,7 +23,7 @@ from typing import IO, Any
 
 from loramerge.v1 import merge_pb2
 
-from loramerge_common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from loramerge_common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, shown
 from merge_service.chunks import DataView
 
 CONFIG_FILE = "adapter_config.json"
@@ -70,17 +70,17 @@ def check_header(header: merge_pb2.MergeHeader, limits: AdapterLimits) -> dict[s
         )
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise InvalidArgument(
-            f"adapter peft_type must be LORA, got {config.get('peft_type')!r}",
+            f"adapter peft_type must be LORA, got {shown(config.get('peft_type'))}",
             field="header.adapter_config_json",
         )
     if config.get("use_dora"):
         raise InvalidArgument("DoRA adapters cannot be served by vLLM (use_dora=true)", field="header")
     if config.get("bias", "none") != "none":
-        raise InvalidArgument(f"adapter bias must be 'none', got {config.get('bias')!r}", field="header")
+        raise InvalidArgument(f"adapter bias must be 'none', got {shown(config.get('bias'))}", field="header")
     base = header.base_model or str(config.get("base_model_name_or_path") or "")
     if not same_model(base, limits.base_model):
         raise FailedPrecondition(
-            f"adapter base model {base!r} differs from the served model {limits.base_model!r}",
+            f"adapter base model {shown(base)} differs from the served model {shown(limits.base_model)}",
             field="header.base_model",
         )
     rank = header.rank or adapter_rank(config)
@@ -97,11 +97,12 @@ def check_header(header: merge_pb2.MergeHeader, limits: AdapterLimits) -> dict[s
         )
     if len(header.sha256) != 64:
         raise InvalidArgument(
-            f"header.sha256 must be 64 hex digits, got {header.sha256!r}", field="header.sha256"
+            f"header.sha256 must be 64 hex digits, got {shown(header.sha256)}", field="header.sha256"
         )
     if header.file_name not in ("", WEIGHTS_FILE):
         raise InvalidArgument(
-            f"header.file_name must be {WEIGHTS_FILE!r}, got {header.file_name!r}", field="header.file_name"
+            f"header.file_name must be {shown(WEIGHTS_FILE)}, got {shown(header.file_name)}",
+            field="header.file_name",
         )
     return config
 
@@ -123,7 +124,8 @@ class AdapterWriter:
         if self.header is not None:
             if header.merge_key != self.header.merge_key or header.sha256 != self.header.sha256:
                 raise FailedPrecondition(
-                    f"resumed stream is merge {header.merge_key!r}, expected {self.header.merge_key!r}",
+                    f"resumed stream is merge {shown(header.merge_key)}, expected "
+                    f"{shown(self.header.merge_key)}",
                     field="header.merge_key",
                 )
             if header.offset != self.received:

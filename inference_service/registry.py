@@ -49,6 +49,7 @@ from loramerge_common.errors import (
     LoramergeError,
     NotFound,
     PermissionDenied,
+    shown,
 )
 
 log = logging.getLogger(__name__)
@@ -202,7 +203,8 @@ class AdapterRegistry:
         entry = self._by_key.get(merge_key)
         if entry is None:
             raise NotFound(
-                f"merge_key {merge_key!r} is not loaded (push it with LoadAdapter or request it by spec)",
+                f"merge_key {shown(merge_key)} is not loaded (push it with LoadAdapter or request "
+                "it by spec)",
                 field="merge_key",
             )
         self._count("loaded")

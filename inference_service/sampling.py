@@ -15,7 +15,7 @@ import math
 
 from loramerge.v1 import inference_pb2
 
-from loramerge_common.errors import InvalidArgument
+from loramerge_common.errors import InvalidArgument, shown
 
 DEFAULT_MAX_TOKENS = 16
 MAX_STOP_STRINGS = 16
@@ -93,4 +93,6 @@ def to_vllm(s: inference_pb2.SamplingParams, max_model_len: int, *, streaming: b
     except VLLMValidationError as e:  # a bound of another vLLM version that validate does not know
         name = e.parameter if e.parameter in inference_pb2.SamplingParams.DESCRIPTOR.fields_by_name else ""
         field = f"sampling.{name}" if name else "sampling"
-        raise InvalidArgument(f"{field} refused by vLLM: {e}", field=field) from e
+        raise InvalidArgument(
+            f"{field} refused by vLLM: {shown(str(e), 300, quote=False)}", field=field
+        ) from e

@@ -17,7 +17,7 @@ from inference_service.engine import Engine
 from inference_service.metrics import InferenceMetrics
 from inference_service.registry import AdapterRegistry, Lease, Usage
 from inference_service.specs import single_adapter_field, single_adapter_spec
-from loramerge_common.errors import InvalidArgument, Unavailable
+from loramerge_common.errors import InvalidArgument, Unavailable, shown
 from loramerge_common.metrics import RpcMetrics
 from loramerge_common.rpc import rpc_method
 
@@ -152,7 +152,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         if bool(request.merge_key) == bool(request.name):
             raise InvalidArgument(
                 "set exactly one of merge_key and name, got "
-                f"merge_key={request.merge_key!r} name={request.name!r}",
+                f"merge_key={shown(request.merge_key)} name={shown(request.name)}",
                 field="merge_key",
             )
         return inference_pb2.UnloadAdapterResponse(

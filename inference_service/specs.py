@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from loramerge.v1 import merge_pb2
 
-from loramerge_common.errors import InvalidArgument
+from loramerge_common.errors import InvalidArgument, shown
 
 _STRATEGY = merge_pb2.MergeStrategy
 _SOURCE = merge_pb2.AdapterSource
@@ -134,9 +134,12 @@ def spec_pinned(spec: merge_pb2.MergeSpec) -> bool:
 
 
 def describe_spec(spec: merge_pb2.MergeSpec) -> str:
-    """A short human summary: "a:0.6+b:0.4 ties d=0.7"."""
+    """A short human summary: "a:0.6+b:0.4 ties d=0.7" (long ids cut, see ``shown``)."""
     parts = "+".join(
-        f"{ref.id}:{ref.weight:g}" if ref.HasField("weight") else ref.id for ref in spec.adapters
+        f"{shown(ref.id, 60, quote=False)}:{ref.weight:g}"
+        if ref.HasField("weight")
+        else shown(ref.id, 60, quote=False)
+        for ref in spec.adapters
     )
     strategy = _STRATEGY.Name(spec.merge_strategy or _STRATEGY.LINEAR).lower()
     text = f"{parts} {strategy}"

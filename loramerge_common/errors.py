@@ -16,6 +16,25 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+SHOWN_CHARS = 120  # longest quotation of a value in a message
+
+
+def shown(value: object, limit: int = SHOWN_CHARS, *, quote: bool = True) -> str:
+    """``repr(value)`` (``str`` with ``quote=False``) for a message, cut to ``limit`` characters.
+
+    Requests may carry values far longer than any message should be (an adapter id of a megabyte);
+    a message that quoted them whole would echo the request back, escaped up to tenfold. The cut
+    keeps the start and says how long the value was: ``'aaaa…(5000 chars)'``.
+    """
+    text = repr(value) if quote or not isinstance(value, str) else value
+    if len(text) <= limit:
+        return text
+    if isinstance(value, str | bytes | bytearray):
+        size = f"{len(value)} {'chars' if isinstance(value, str) else 'bytes'}"
+    else:
+        size = f"{len(text)} chars"
+    return f"{text[:limit]}…({size})"
+
 
 @dataclass(frozen=True)
 class FieldViolation:

@@ -35,7 +35,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from loramerge_common.errors import FailedPrecondition, InvalidArgument, LoramergeError, NotFound
+from loramerge_common.errors import FailedPrecondition, InvalidArgument, LoramergeError, NotFound, shown
 from merge_service.sources.base import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -56,7 +56,7 @@ _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 
 
 def _err(cls: type[LoramergeError], adapter_id: str, reason: str, field: str) -> LoramergeError:
-    return cls(f"adapter {adapter_id!r}: {reason}", field=field)
+    return cls(f"adapter {shown(adapter_id)}: {reason}", field=field)
 
 
 def pattern_key(patterns: Any, module: str) -> str | None:
@@ -147,27 +147,27 @@ def parse_config(raw: object, adapter_id: str, field: str = "adapter") -> Adapte
         raise bad(f"expected a JSON object, got {type(raw).__name__}")
     peft_type = raw.get("peft_type", "LORA")
     if peft_type != "LORA":
-        raise unservable(f"peft_type is {peft_type!r}; only LORA adapters can be merged")
+        raise unservable(f"peft_type is {shown(peft_type)}; only LORA adapters can be merged")
     if raw.get("use_dora"):
         raise unservable("DoRA adapters (use_dora=true) cannot be served as LoRA")
     if raw.get("bias", "none") not in ("none", None):
-        raise unservable(f"bias={raw.get('bias')!r}; only bias='none' can be served")
+        raise unservable(f"bias={shown(raw.get('bias'))}; only bias='none' can be served")
     if raw.get("lora_bias"):
         raise unservable("LoRA bias (lora_bias=true) cannot be served")
     if raw.get("modules_to_save"):
-        raise unservable(f"modules_to_save={raw['modules_to_save']!r} cannot be served as LoRA")
+        raise unservable(f"modules_to_save={shown(raw['modules_to_save'])} cannot be served as LoRA")
     if raw.get("target_parameters"):
-        raise unservable(f"target_parameters={raw['target_parameters']!r} cannot be served as LoRA")
+        raise unservable(f"target_parameters={shown(raw['target_parameters'])} cannot be served as LoRA")
 
     r = raw.get("r", 8)
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise bad(f"r must be a positive integer, got {r!r}")
+        raise bad(f"r must be a positive integer, got {shown(r)}")
     alpha = raw.get("lora_alpha", 8)
     if not _is_number(alpha) or not math.isfinite(alpha):
-        raise bad(f"lora_alpha must be a finite number, got {alpha!r}")
+        raise bad(f"lora_alpha must be a finite number, got {shown(alpha)}")
     use_rslora = raw.get("use_rslora", False)
     if not isinstance(use_rslora, bool):
-        raise bad(f"use_rslora must be true or false, got {use_rslora!r}")
+        raise bad(f"use_rslora must be true or false, got {shown(use_rslora)}")
 
     rank_pattern = raw.get("rank_pattern") or {}
     alpha_pattern = raw.get("alpha_pattern") or {}
@@ -176,14 +176,17 @@ def parse_config(raw: object, adapter_id: str, field: str = "adapter") -> Adapte
         ("alpha_pattern", alpha_pattern, lambda v: _is_number(v) and math.isfinite(v)),
     ):
         if not isinstance(pattern, dict):
-            raise bad(f"{name} must be an object, got {pattern!r}")
+            raise bad(f"{name} must be an object, got {shown(pattern)}")
         for key, value in pattern.items():
             try:
                 re.compile(key)
             except re.error as e:
-                raise bad(f"{name} key {key!r} is not a valid pattern ({e})") from None
+                raise bad(f"{name} key {shown(key)} is not a valid pattern ({e})") from None
             if not ok(value):
-                raise bad(f"{name}[{key!r}] must be a positive integer rank or finite alpha, got {value!r}")
+                raise bad(
+                    f"{name}[{shown(key)}] must be a positive integer rank or finite alpha, got "
+                    f"{shown(value)}"
+                )
 
     targets = raw.get("target_modules")
     regex = isinstance(targets, str)
@@ -191,16 +194,16 @@ def parse_config(raw: object, adapter_id: str, field: str = "adapter") -> Adapte
         try:
             re.compile(targets)
         except re.error as e:
-            raise bad(f"target_modules {targets!r} is not a valid pattern ({e})") from None
+            raise bad(f"target_modules {shown(targets)} is not a valid pattern ({e})") from None
         target_modules: tuple[str, ...] = (targets,)
     elif isinstance(targets, list) and all(isinstance(t, str) for t in targets) and targets:
         target_modules = tuple(targets)
     else:
-        raise bad(f"target_modules must be a non-empty list of names or a pattern, got {targets!r}")
+        raise bad(f"target_modules must be a non-empty list of names or a pattern, got {shown(targets)}")
 
     base = raw.get("base_model_name_or_path") or ""
     if not isinstance(base, str):
-        raise bad(f"base_model_name_or_path must be a string, got {base!r}")
+        raise bad(f"base_model_name_or_path must be a string, got {shown(base)}")
     return AdapterConfig(
         r=r,
         lora_alpha=float(alpha),
@@ -235,7 +238,7 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in pairs:
         if k in out:
-            raise ValueError(f"duplicate key {k!r}")
+            raise ValueError(f"duplicate key {shown(k)}")
         out[k] = v
     return out
 
@@ -320,27 +323,28 @@ def read_safetensors_header(
                 raise bad("__metadata__ must map strings to strings")
             continue
         if not isinstance(info, dict):
-            raise bad(f"tensor {name!r}: entry is not an object")
+            raise bad(f"tensor {shown(name)}: entry is not an object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if dtype not in FLOAT_DTYPES:
             raise bad(
-                f"tensor {name!r} has dtype {dtype!r}; LoRA factors must be one of {sorted(FLOAT_DTYPES)}"
+                f"tensor {shown(name)} has dtype {shown(dtype)}; LoRA factors must be one of "
+                f"{sorted(FLOAT_DTYPES)}"
             )
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
         ):
-            raise bad(f"tensor {name!r} has an invalid shape {shape!r}")
+            raise bad(f"tensor {shown(name)} has an invalid shape {shown(shape)}")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
             or offsets[0] > offsets[1]
         ):
-            raise bad(f"tensor {name!r} has invalid data_offsets {offsets!r}")
+            raise bad(f"tensor {shown(name)} has invalid data_offsets {shown(offsets)}")
         nbytes = math.prod(shape) * FLOAT_DTYPES[dtype]
         if offsets[1] - offsets[0] != nbytes:
             raise bad(
-                f"tensor {name!r}: shape {shape} of {dtype} needs {nbytes} bytes, "
+                f"tensor {shown(name)}: shape {shape} of {dtype} needs {nbytes} bytes, "
                 f"data_offsets {offsets} span {offsets[1] - offsets[0]}"
             )
         tensors[name] = TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
@@ -350,7 +354,7 @@ def read_safetensors_header(
     for name, t in sorted(tensors.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
         if t.begin != pos:
             kind = "overlaps another tensor" if t.begin < pos else "leaves a gap before it"
-            raise bad(f"tensor {name!r} at data_offsets [{t.begin}, {t.end}] {kind}")
+            raise bad(f"tensor {shown(name)} at data_offsets [{t.begin}, {t.end}] {kind}")
         pos = t.end
     if pos != data_size:
         raise bad(f"tensors cover {pos} data bytes but the file holds {data_size} (truncated or padded)")
@@ -387,13 +391,18 @@ def check_structure(
         kind = _classify(key)
         if isinstance(kind, str):
             if kind:
-                raise _err(FailedPrecondition, adapter_id, f"tensor {key!r}: {kind}", field)
+                raise _err(FailedPrecondition, adapter_id, f"tensor {shown(key)}: {kind}", field)
             raise _err(
-                InvalidArgument, adapter_id, f"unexpected tensor {key!r} (not a lora_A/lora_B weight)", field
+                InvalidArgument,
+                adapter_id,
+                f"unexpected tensor {shown(key)} (not a lora_A/lora_B weight)",
+                field,
             )
         module, which = kind
         if which in pairs.setdefault(module, {}):
-            raise _err(InvalidArgument, adapter_id, f"module {module!r} has two lora_{which} tensors", field)
+            raise _err(
+                InvalidArgument, adapter_id, f"module {shown(module)} has two lora_{which} tensors", field
+            )
         pairs[module][which] = key
     if not pairs:
         raise _err(InvalidArgument, adapter_id, f"{WEIGHTS_FILE} holds no LoRA tensors", field)
@@ -406,14 +415,15 @@ def check_structure(
                 raise _err(
                     InvalidArgument,
                     adapter_id,
-                    f"module {module!r} has lora_{other} but no lora_{which}",
+                    f"module {shown(module)} has lora_{other} but no lora_{which}",
                     field,
                 )
         if not config.targets(module):
             raise _err(
                 InvalidArgument,
                 adapter_id,
-                f"module {module!r} is not among the config's target_modules {list(config.target_modules)}",
+                f"module {shown(module)} is not among the config's target_modules "
+                f"{list(config.target_modules)}",
                 field,
             )
         a, b = tensors[keys["A"]].shape, tensors[keys["B"]].shape
@@ -421,7 +431,7 @@ def check_structure(
             raise _err(
                 InvalidArgument,
                 adapter_id,
-                f"module {module!r}: lora_A {list(a)} and lora_B {list(b)} must be non-empty matrices",
+                f"module {shown(module)}: lora_A {list(a)} and lora_B {list(b)} must be non-empty matrices",
                 field,
             )
         r = config.rank_for(module)
@@ -429,7 +439,7 @@ def check_structure(
             raise _err(
                 InvalidArgument,
                 adapter_id,
-                f"module {module!r}: the config gives rank {r} but lora_A is {list(a)} and lora_B is "
+                f"module {shown(module)}: the config gives rank {r} but lora_A is {list(a)} and lora_B is "
                 f"{list(b)} (expected ({r}, d_in) and (d_out, {r}))",
                 field,
             )
@@ -485,7 +495,10 @@ def load_adapter(
             if not all_finite(t):
                 bad = int((~torch.isfinite(t)).sum())
                 raise _err(
-                    InvalidArgument, src.id, f"tensor {key!r} has {bad} non-finite (NaN/Inf) values", field
+                    InvalidArgument,
+                    src.id,
+                    f"tensor {shown(key)} has {bad} non-finite (NaN/Inf) values",
+                    field,
                 )
             factors.append(t.contiguous())
         out[module] = LoraModule(A=factors[0], B=factors[1], scale=config.scale_for(module))

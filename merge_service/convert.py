@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from loramerge.v1 import merge_pb2
 
-from loramerge_common.errors import InvalidArgument, ResourceExhausted
+from loramerge_common.errors import InvalidArgument, ResourceExhausted, shown
 from merge_service.spec import AdapterRef, Dtype, MergeSpec, SignMethod, SourceKind, Space, Strategy
 
 E = TypeVar("E", SourceKind, Strategy, SignMethod, Space, Dtype)
@@ -133,7 +133,7 @@ def spec_from_proto(msg: merge_pb2.MergeSpec, *, prefix: str = "spec", max_adapt
 
 def _adapter_id(value: str, field: str) -> str:
     if not value.strip():
-        raise InvalidArgument(f"{field} must name an adapter, got {value!r}", field=field)
+        raise InvalidArgument(f"{field} must name an adapter, got {shown(value)}", field=field)
     return value
 
 

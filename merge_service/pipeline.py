@@ -28,7 +28,7 @@ from typing import Protocol
 
 import torch
 
-from loramerge_common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from loramerge_common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, shown
 from merge_service import strategies
 from merge_service.adapter import (
     AdapterConfig,
@@ -231,7 +231,8 @@ class Merger:
         named = {c.base_model for c in configs if c.base_model}
         if len(named) > 1:
             listing = ", ".join(
-                f"{ref.id!r}: {c.base_model!r}" for ref, c in zip(spec.adapters, configs, strict=True)
+                f"{shown(ref.id)}: {shown(c.base_model)}"
+                for ref, c in zip(spec.adapters, configs, strict=True)
             )
             raise FailedPrecondition(
                 f"spec.adapters: all adapters must be trained on the same base model, got {listing}",
@@ -250,20 +251,24 @@ class Merger:
             dims = {(s[name][1], s[name][2]) for s in shapes if name in s}
             if len(dims) > 1:
                 listing = ", ".join(
-                    f"{src.id!r}: {list(s[name][1:])}"
+                    f"{shown(src.id)}: {list(s[name][1:])}"
                     for src, s in zip(sources, shapes, strict=True)
                     if name in s
                 )
                 raise InvalidArgument(
-                    f"spec.adapters: module {name!r} has different shapes (d_out, d_in) across adapters: "
+                    f"spec.adapters: module {shown(name)} has different shapes (d_out, d_in) across "
+                    "adapters: "
                     f"{listing}; they cannot share one base model",
                     field="spec.adapters",
                 )
             ranks = tuple(s[name][0] if name in s else 0 for s in shapes)
             if spec.space == Space.FACTORS and len({r for r in ranks if r}) > 1:
-                listing = ", ".join(f"{src.id!r}: {r}" for src, r in zip(sources, ranks, strict=True) if r)
+                listing = ", ".join(
+                    f"{shown(src.id)}: {r}" for src, r in zip(sources, ranks, strict=True) if r
+                )
                 raise InvalidArgument(
-                    f"spec.space: space=factors needs equal ranks, but module {name!r} has ranks {listing}; "
+                    f"spec.space: space=factors needs equal ranks, but module {shown(name)} has "
+                    f"ranks {listing}; "
                     "use space=delta, which merges adapters of any ranks exactly",
                     field="spec.space",
                 )
@@ -365,7 +370,7 @@ class Merger:
         for p, a in zip(parts, adapters, strict=True):
             if p is not None and (p.B.shape[0], p.A.shape[1]) != (shape.d_out, shape.d_in):
                 raise FailedPrecondition(
-                    f"adapter {a.id!r} changed while merging: module {shape.name!r} is now "
+                    f"adapter {shown(a.id)} changed while merging: module {shown(shape.name)} is now "
                     f"{list(p.B.shape)}×{list(p.A.shape)}",
                     field="spec.adapters",
                 )
@@ -404,14 +409,15 @@ def overflow_error(spec: MergeSpec, module: str, what: str, peak: float | None) 
     if peak is not None and peak <= f32_max:
         limit = torch.finfo(TORCH_DTYPES[spec.dtype]).max
         return InvalidArgument(
-            f"spec.dtype {spec.dtype}: module {module!r}: {what} holds values up to {peak:.4g}, beyond the "
+            f"spec.dtype {spec.dtype}: module {shown(module)}: {what} holds values up to "
+            f"{peak:.4g}, beyond the "
             f"largest {spec.dtype} value {limit:.6g}; lower the adapters' weights (the largest is {weight} "
             f"= {value:g}) or use float32",
             field="spec.dtype",
         )
     values = "overflows float32" if peak is None else f"holds values up to {peak:.4g}, beyond float32"
     return InvalidArgument(
-        f"{weight} = {value:g}: module {module!r}: {what} {values} (largest value {f32_max:.6g}); "
+        f"{weight} = {value:g}: module {shown(module)}: {what} {values} (largest value {f32_max:.6g}); "
         "lower the adapters' weights",
         field=weight,
     )

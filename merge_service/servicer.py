@@ -16,7 +16,7 @@ from functools import partial
 import grpc.aio
 from loramerge.v1 import merge_pb2, merge_pb2_grpc
 
-from loramerge_common.errors import FailedPrecondition, InvalidArgument, LoramergeError
+from loramerge_common.errors import FailedPrecondition, InvalidArgument, LoramergeError, shown
 from loramerge_common.metrics import RpcMetrics
 from loramerge_common.rpc import rpc_method
 from merge_service.adapter import read_config
@@ -100,7 +100,8 @@ class MergeServicer(merge_pb2_grpc.MergeServiceServicer):
         key = plan.merge_key
         if request.expected_merge_key and request.expected_merge_key != key:
             raise FailedPrecondition(
-                f"expected_merge_key is {request.expected_merge_key!r} but this request merges to {key!r}: "
+                f"expected_merge_key is {shown(request.expected_merge_key)} but this request merges "
+                f"to {shown(key)}: "
                 "the adapters or parameters changed since the first attempt; restart from offset 0",
                 field="expected_merge_key",
             )
@@ -208,7 +209,8 @@ class MergeServicer(merge_pb2_grpc.MergeServiceServicer):
         if request.all:
             if request.merge_key:
                 raise InvalidArgument(
-                    f"merge_key must be empty when all is set, got {request.merge_key!r}", field="merge_key"
+                    f"merge_key must be empty when all is set, got {shown(request.merge_key)}",
+                    field="merge_key",
                 )
             evicted = await asyncio.to_thread(self.cache.evict_all)
         else:

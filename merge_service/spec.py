@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from loramerge_common.errors import FailedPrecondition, InvalidArgument
+from loramerge_common.errors import FailedPrecondition, InvalidArgument, shown
 
 MAX_SEED = 2**64 - 1
 F32_MAX = 3.4028234663852886e38  # weights travel as float32
@@ -80,7 +80,8 @@ class MergeSpec:
         for i, ref in enumerate(self.adapters):
             if not isinstance(ref.id, str) or not ref.id.strip():
                 raise InvalidArgument(
-                    f"spec.adapters[{i}].id must be non-empty, got {ref.id!r}", field=f"spec.adapters[{i}].id"
+                    f"spec.adapters[{i}].id must be non-empty, got {shown(ref.id)}",
+                    field=f"spec.adapters[{i}].id",
                 )
             w = ref.weight
             if (
@@ -90,13 +91,13 @@ class MergeSpec:
                 or abs(w) > F32_MAX
             ):
                 raise InvalidArgument(
-                    f"spec.adapters[{i}].weight must be a finite number, got {w!r}",
+                    f"spec.adapters[{i}].weight must be a finite number, got {shown(w)}",
                     field=f"spec.adapters[{i}].weight",
                 )
         name = str(self.strategy)
         if name not in strategies.REGISTRY:
             raise InvalidArgument(
-                f"spec.merge_strategy must be one of {sorted(strategies.REGISTRY)}, got {name!r}",
+                f"spec.merge_strategy must be one of {sorted(strategies.REGISTRY)}, got {shown(name)}",
                 field="spec.merge_strategy",
             )
         strategy = strategies.get(name)
@@ -104,35 +105,36 @@ class MergeSpec:
             d = self.density
             if d is None:
                 raise InvalidArgument(
-                    f"spec.density is required by strategy {name!r}: a fraction in (0, 1] of values to keep",
+                    f"spec.density is required by strategy {shown(name)}: a fraction in (0, 1] of "
+                    "values to keep",
                     field="spec.density",
                 )
             if isinstance(d, bool) or not isinstance(d, int | float) or not (math.isfinite(d) and 0 < d <= 1):
-                raise InvalidArgument(f"spec.density must be in (0, 1], got {d!r}", field="spec.density")
+                raise InvalidArgument(f"spec.density must be in (0, 1], got {shown(d)}", field="spec.density")
         if str(self.sign_method) not in {m.value for m in SignMethod}:
             raise InvalidArgument(
                 f"spec.majority_sign_method must be one of {[m.value for m in SignMethod]}, "
-                f"got {self.sign_method!r}",
+                f"got {shown(self.sign_method)}",
                 field="spec.majority_sign_method",
             )
         if self.seed is not None and (
             isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED
         ):
             raise InvalidArgument(
-                f"spec.seed must be an integer in [0, 2^64), got {self.seed!r}", field="spec.seed"
+                f"spec.seed must be an integer in [0, 2^64), got {shown(self.seed)}", field="spec.seed"
             )
         for fname, enum in (("space", Space), ("dtype", Dtype)):
             value = getattr(self, fname)
             if str(value) not in {m.value for m in enum}:
                 raise InvalidArgument(
-                    f"spec.{fname} must be one of {[m.value for m in enum]}, got {value!r}",
+                    f"spec.{fname} must be one of {[m.value for m in enum]}, got {shown(value)}",
                     field=f"spec.{fname}",
                 )
         for fname in ("target_rank", "max_rank"):
             value = getattr(self, fname)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InvalidArgument(
-                    f"spec.{fname} must be a non-negative integer, got {value!r}", field=f"spec.{fname}"
+                    f"spec.{fname} must be a non-negative integer, got {shown(value)}", field=f"spec.{fname}"
                 )
         if self.max_rank and self.target_rank > self.max_rank:
             raise FailedPrecondition(
@@ -142,7 +144,7 @@ class MergeSpec:
             )
         if self.extra:
             raise InvalidArgument(
-                f"spec.extra: strategy {name!r} takes no extra parameters, got {sorted(self.extra)}",
+                f"spec.extra: strategy {shown(name)} takes no extra parameters, got {sorted(self.extra)}",
                 field="spec.extra",
             )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from loramerge_common.errors import FailedPrecondition, InvalidArgument, LoramergeError
+from loramerge_common.errors import FailedPrecondition, InvalidArgument, LoramergeError, shown
 from merge_service.sources.base import CONFIG_FILE, WEIGHTS_FILE, ResolvedSource, Source, check_size
 from merge_service.sources.hub import HubSource
 from merge_service.sources.local import LocalSource
@@ -72,7 +72,7 @@ class SourceResolver:
             if source is None:
                 what = "no adapter root is configured" if kind == SourceKind.LOCAL else "it is not configured"
                 raise FailedPrecondition(
-                    f"adapter {ref.id!r}: {kind.value} adapters cannot be used on this server ({what})",
+                    f"adapter {shown(ref.id)}: {kind.value} adapters cannot be used on this server ({what})",
                     field=field,
                 )
             resolved = source.resolve(ref)

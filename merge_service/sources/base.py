@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from loramerge_common.errors import FailedPrecondition, LoramergeError, NotFound, ResourceExhausted
+from loramerge_common.errors import FailedPrecondition, LoramergeError, NotFound, ResourceExhausted, shown
 from merge_service.spec import AdapterRef, SourceKind
 
 CONFIG_FILE = "adapter_config.json"
@@ -36,7 +36,7 @@ def check_size(adapter_id: str, nbytes: int, max_bytes: int | None, field: str =
     """ResourceExhausted when an adapter's files exceed ``max_bytes`` (None or 0: no limit)."""
     if max_bytes and nbytes > max_bytes:
         raise ResourceExhausted(
-            f"adapter {adapter_id!r}: its files total {nbytes} bytes, more than the {max_bytes} allowed "
+            f"adapter {shown(adapter_id)}: its files total {nbytes} bytes, more than the {max_bytes} allowed "
             "(max_adapter_bytes)",
             field=field,
         )
@@ -44,7 +44,8 @@ def check_size(adapter_id: str, nbytes: int, max_bytes: int | None, field: str =
 
 def pickled_only_error(adapter_id: str, field: str = "adapter") -> LoramergeError:
     return FailedPrecondition(
-        f"adapter {adapter_id!r}: has only pickled {PICKLED_WEIGHTS_FILE} weights, which are never loaded; "
+        f"adapter {shown(adapter_id)}: has only pickled {PICKLED_WEIGHTS_FILE} weights, which are "
+        "never loaded; "
         f"convert them to {WEIGHTS_FILE}",
         field=field,
     )
@@ -54,4 +55,4 @@ def missing_weights_error(directory: Path, adapter_id: str, field: str = "adapte
     """FailedPrecondition when only pickled weights are there (never opened), else NotFound."""
     if (directory / PICKLED_WEIGHTS_FILE).exists():
         return pickled_only_error(adapter_id, field)
-    return NotFound(f"adapter {adapter_id!r}: has no {WEIGHTS_FILE}", field=field)
+    return NotFound(f"adapter {shown(adapter_id)}: has no {WEIGHTS_FILE}", field=field)

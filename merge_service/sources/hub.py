@@ -49,6 +49,7 @@ from loramerge_common.errors import (
     NotFound,
     PermissionDenied,
     Unavailable,
+    shown,
 )
 from merge_service.sources.base import (
     CONFIG_FILE,
@@ -92,17 +93,19 @@ def parse_hub_id(adapter_id: str, revision: str = "") -> tuple[str, str | None]:
     """(repo id, revision or None for the default branch) from ``org/name[@rev]`` and a separate revision."""
     repo, sep, inline = adapter_id.partition("@")
     if sep and not inline:
-        raise InvalidArgument(f"adapter {adapter_id!r}: empty revision after '@'", field="adapter")
+        raise InvalidArgument(f"adapter {shown(adapter_id)}: empty revision after '@'", field="adapter")
     if inline and revision and inline != revision:
         raise InvalidArgument(
-            f"adapter {adapter_id!r}: revision {inline!r} in the id disagrees with revision {revision!r}",
+            f"adapter {shown(adapter_id)}: revision {shown(inline)} in the id disagrees with "
+            f"revision {shown(revision)}",
             field="adapter",
         )
     try:
         validate_repo_id(repo)
     except HFValidationError as e:
         raise InvalidArgument(
-            f"adapter {adapter_id!r} is not a valid hub repo id: {e}", field="adapter"
+            f"adapter {shown(adapter_id)} is not a valid hub repo id: {shown(str(e), 160, quote=False)}",
+            field="adapter",
         ) from None
     return repo, (inline or revision or None)
 
@@ -166,42 +169,47 @@ class HubSource:
         """A domain error for a huggingface_hub failure while fetching ``what``."""
         if isinstance(e, GatedRepoError):
             return PermissionDenied(
-                f"adapter {aid!r}: the hub repo is gated and the configured token has no access",
+                f"adapter {shown(aid)}: the hub repo is gated and the configured token has no access",
                 field="adapter",
             )
         if isinstance(e, RepositoryNotFoundError):
             return NotFound(
-                f"adapter {aid!r}: no such hub repo (or it is private and the token has no access)",
+                f"adapter {shown(aid)}: no such hub repo (or it is private and the token has no access)",
                 field="adapter",
             )
         if isinstance(e, RevisionNotFoundError):
-            return NotFound(f"adapter {aid!r}: the hub repo has no such revision", field="adapter")
+            return NotFound(f"adapter {shown(aid)}: the hub repo has no such revision", field="adapter")
         if isinstance(e, LocalEntryNotFoundError):
             if self.offline:
                 # Not transient: retrying cannot help until someone fills the cache or turns
                 # offline mode off, so clients must not treat it as UNAVAILABLE.
                 return FailedPrecondition(
-                    f"adapter {aid!r}: hub offline mode (HF_HUB_OFFLINE) is on and {what} is not in the "
+                    f"adapter {shown(aid)}: hub offline mode (HF_HUB_OFFLINE) is on and {what} is not in the "
                     f"hub cache {self._cache_dir()}",
                     field="adapter",
                 )
             return Unavailable(
-                f"adapter {aid!r}: cannot reach the hub and {what} is not in the hub cache", field="adapter"
+                f"adapter {shown(aid)}: cannot reach the hub and {what} is not in the hub cache",
+                field="adapter",
             )
         if isinstance(e, EntryNotFoundError):
-            return NotFound(f"adapter {aid!r}: the hub repo has no {what}", field="adapter")
+            return NotFound(f"adapter {shown(aid)}: the hub repo has no {what}", field="adapter")
         if isinstance(e, HfHubHTTPError):
             status = e.response.status_code if e.response is not None else None
             if status in (401, 403):
                 return PermissionDenied(
-                    f"adapter {aid!r}: the hub refused access to {what} (HTTP {status})", field="adapter"
+                    f"adapter {shown(aid)}: the hub refused access to {what} (HTTP {status})", field="adapter"
                 )
             if status == 404:
-                return NotFound(f"adapter {aid!r}: the hub has no {what} (HTTP 404)", field="adapter")
-            return Unavailable(f"adapter {aid!r}: the hub answered HTTP {status} for {what}", field="adapter")
+                return NotFound(f"adapter {shown(aid)}: the hub has no {what} (HTTP 404)", field="adapter")
+            return Unavailable(
+                f"adapter {shown(aid)}: the hub answered HTTP {status} for {what}", field="adapter"
+            )
         if isinstance(e, _NETWORK_ERRORS):
-            return Unavailable(f"adapter {aid!r}: cannot reach the hub ({type(e).__name__})", field="adapter")
-        return Internal(f"adapter {aid!r}: unexpected hub error {type(e).__name__}", field="adapter")
+            return Unavailable(
+                f"adapter {shown(aid)}: cannot reach the hub ({type(e).__name__})", field="adapter"
+            )
+        return Internal(f"adapter {shown(aid)}: unexpected hub error {type(e).__name__}", field="adapter")
 
     def _pickled_only(self, repo: str, commit: str) -> bool:
         """Whether the repo has adapter_model.bin at this commit; asks without downloading it."""
@@ -234,7 +242,7 @@ class HubSource:
         commit = config_path.parent.name
         if not _COMMIT.match(commit):
             raise Internal(
-                f"adapter {aid!r}: cannot tell the commit of cached {config_path}", field="adapter"
+                f"adapter {shown(aid)}: cannot tell the commit of cached {config_path}", field="adapter"
             )
 
         try:
@@ -253,12 +261,14 @@ class HubSource:
                     raise pickled_only_error(aid) from None
                 if self._cached(repo, WEIGHTS_FILE, commit) is not None:  # cached as absent
                     raise NotFound(
-                        f"adapter {aid!r}: the hub repo has no {WEIGHTS_FILE}", field="adapter"
+                        f"adapter {shown(aid)}: the hub repo has no {WEIGHTS_FILE}", field="adapter"
                     ) from None
             raise self._map_error(e, aid, WEIGHTS_FILE) from None
 
         if weights_path.parent != config_path.parent:
-            raise Internal(f"adapter {aid!r}: the hub cache returned files of two commits", field="adapter")
+            raise Internal(
+                f"adapter {shown(aid)}: the hub cache returned files of two commits", field="adapter"
+            )
         nbytes = config_path.stat().st_size + weights_path.stat().st_size
         check_size(aid, nbytes, limit)
         return ResolvedSource(

@@ -18,7 +18,7 @@ import threading
 from collections import OrderedDict
 from pathlib import Path, PurePosixPath
 
-from loramerge_common.errors import FailedPrecondition, InvalidArgument, NotFound
+from loramerge_common.errors import FailedPrecondition, InvalidArgument, NotFound, shown
 from merge_service.sources.base import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -84,20 +84,22 @@ class LocalSource:
     def check_id(adapter_id: str) -> PurePosixPath:
         """The id as a relative path, or InvalidArgument if it could name something outside the root."""
         if not adapter_id or "\x00" in adapter_id:
-            raise InvalidArgument(f"adapter id {adapter_id!r} is not a valid path", field="adapter")
+            raise InvalidArgument(f"adapter id {shown(adapter_id)} is not a valid path", field="adapter")
         rel = PurePosixPath(adapter_id)
         if rel.is_absolute() or adapter_id.startswith("~"):
             raise InvalidArgument(
-                f"adapter {adapter_id!r}: local adapter ids are paths relative to the adapter root, "
+                f"adapter {shown(adapter_id)}: local adapter ids are paths relative to the adapter root, "
                 "not absolute paths",
                 field="adapter",
             )
         if ".." in rel.parts:
             raise InvalidArgument(
-                f"adapter {adapter_id!r}: local adapter ids must not contain '..'", field="adapter"
+                f"adapter {shown(adapter_id)}: local adapter ids must not contain '..'", field="adapter"
             )
         if not rel.parts:
-            raise InvalidArgument(f"adapter {adapter_id!r} names the adapter root itself", field="adapter")
+            raise InvalidArgument(
+                f"adapter {shown(adapter_id)} names the adapter root itself", field="adapter"
+            )
         return rel
 
     @staticmethod
@@ -119,7 +121,8 @@ class LocalSource:
         rel = self.check_id(aid)
         if ref.revision:
             raise InvalidArgument(
-                f"adapter {aid!r}: revision {ref.revision!r} applies to hub and S3 adapters, not local ones",
+                f"adapter {shown(aid)}: revision {shown(ref.revision)} applies to hub and S3 "
+                "adapters, not local ones",
                 field="adapter",
             )
         root = os.path.realpath(self.root)
@@ -130,11 +133,12 @@ class LocalSource:
         directory = os.path.realpath(os.path.join(root, *rel.parts))
         if not _inside(root, directory) or directory == root:
             raise InvalidArgument(
-                f"adapter {aid!r} resolves to a path outside the adapter root", field="adapter"
+                f"adapter {shown(aid)} resolves to a path outside the adapter root", field="adapter"
             )
         if not os.path.isdir(directory):
             raise NotFound(
-                f"adapter {aid!r}: no adapter directory of that name under the adapter root", field="adapter"
+                f"adapter {shown(aid)}: no adapter directory of that name under the adapter root",
+                field="adapter",
             )
 
         sizes = 0
@@ -143,16 +147,17 @@ class LocalSource:
             real = os.path.realpath(os.path.join(directory, name))
             if not _inside(root, real):
                 raise InvalidArgument(
-                    f"adapter {aid!r}: {name} resolves to a path outside the adapter root", field="adapter"
+                    f"adapter {shown(aid)}: {name} resolves to a path outside the adapter root",
+                    field="adapter",
                 )
             try:
                 st = os.stat(real)
             except FileNotFoundError:
                 if name == WEIGHTS_FILE:
                     raise missing_weights_error(Path(directory), aid) from None
-                raise NotFound(f"adapter {aid!r}: has no {name}", field="adapter") from None
+                raise NotFound(f"adapter {shown(aid)}: has no {name}", field="adapter") from None
             if not stat.S_ISREG(st.st_mode):
-                raise InvalidArgument(f"adapter {aid!r}: {name} is not a regular file", field="adapter")
+                raise InvalidArgument(f"adapter {shown(aid)}: {name} is not a regular file", field="adapter")
             sizes += st.st_size
             files.append(real)
         check_size(aid, sizes, self.max_adapter_bytes)
@@ -161,7 +166,7 @@ class LocalSource:
             hashes = [self.digests.sha256(p) for p in files]
         except OSError as e:
             raise FailedPrecondition(
-                f"adapter {aid!r}: cannot read its files: {e.strerror}", field="adapter"
+                f"adapter {shown(aid)}: cannot read its files: {e.strerror}", field="adapter"
             ) from None
         combined = "".join(
             f"{name} {h}\n" for name, h in zip((CONFIG_FILE, WEIGHTS_FILE), hashes, strict=True)

@@ -46,6 +46,7 @@ from loramerge_common.errors import (
     PermissionDenied,
     ResourceExhausted,
     Unavailable,
+    shown,
 )
 from merge_service.sources.base import CONFIG_FILE, WEIGHTS_FILE, ResolvedSource, check_size
 from merge_service.spec import AdapterRef, SourceKind
@@ -146,17 +147,19 @@ class ObjectVersion:
 def parse_s3_uri(uri: str) -> S3Location:
     """``s3://bucket/some/prefix/`` -> S3Location("bucket", "some/prefix"); InvalidArgument otherwise."""
     if not uri.startswith(SCHEME):
-        raise InvalidArgument(f"adapter {uri!r}: an S3 adapter id looks like s3://bucket/prefix", field=FIELD)
+        raise InvalidArgument(
+            f"adapter {shown(uri)}: an S3 adapter id looks like s3://bucket/prefix", field=FIELD
+        )
     bucket, _, prefix = uri[len(SCHEME) :].partition("/")
     if not _BUCKET_RE.match(bucket) or ".." in bucket:
         raise InvalidArgument(
-            f"adapter {uri!r}: invalid S3 bucket name {bucket!r} "
+            f"adapter {shown(uri)}: invalid S3 bucket name {shown(bucket)} "
             "(3-63 characters: lower-case letters, digits, dots, hyphens)",
             field=FIELD,
         )
     prefix = prefix.strip("/")
     if "//" in prefix or "\0" in prefix or any(part in (".", "..") for part in prefix.split("/") if prefix):
-        raise InvalidArgument(f"adapter {uri!r}: invalid S3 key prefix {prefix!r}", field=FIELD)
+        raise InvalidArgument(f"adapter {shown(uri)}: invalid S3 key prefix {shown(prefix)}", field=FIELD)
     return S3Location(bucket, prefix)
 
 
@@ -285,14 +288,15 @@ class S3Source:
         current = format_revision(config, weights)
         if len(parts) != 2 or not all(parts):
             raise InvalidArgument(
-                f"adapter {loc.uri!r}: revision {pinned!r} is not of the form "
+                f"adapter {shown(loc.uri)}: revision {shown(pinned)} is not of the form "
                 "'<config version>,<weights version>' (as Plan reports it)",
                 field=FIELD,
             )
         if config.version_id is None or weights.version_id is None:
             raise NotFound(
-                f"adapter {loc.uri!r}: revision {pinned!r} is gone; the objects are now at revision "
-                f"{current!r} and the bucket is not versioned",
+                f"adapter {shown(loc.uri)}: revision {shown(pinned)} is gone; the objects are now "
+                "at revision "
+                f"{shown(current)} and the bucket is not versioned",
                 field=FIELD,
             )
         return self._head(loc, CONFIG_FILE, parts[0]), self._head(loc, WEIGHTS_FILE, parts[1])
@@ -300,7 +304,7 @@ class S3Source:
     def _check_sizes(self, loc: S3Location, config: ObjectVersion, weights: ObjectVersion) -> None:
         if config.size > MAX_CONFIG_BYTES:
             raise InvalidArgument(
-                f"adapter {loc.uri!r}: {CONFIG_FILE} is {config.size} bytes, more than the "
+                f"adapter {shown(loc.uri)}: {CONFIG_FILE} is {config.size} bytes, more than the "
                 f"{MAX_CONFIG_BYTES} an adapter config may have",
                 field=FIELD,
             )
@@ -308,7 +312,7 @@ class S3Source:
         check_size(loc.uri, nbytes, self.max_adapter_bytes)
         if nbytes > self.settings.cache_bytes:
             raise ResourceExhausted(
-                f"adapter {loc.uri!r}: its files total {nbytes} bytes, more than the "
+                f"adapter {shown(loc.uri)}: its files total {nbytes} bytes, more than the "
                 f"{self.settings.cache_bytes} the S3 download cache holds (s3_cache_bytes)",
                 field=FIELD,
             )
@@ -360,7 +364,7 @@ class S3Source:
             raise self._translate(exc, loc, name, obj.version_id) from None
         if written != obj.size:
             raise Unavailable(
-                f"adapter {loc.uri!r}: {loc.object_uri(name)} arrived with {written} bytes, "
+                f"adapter {shown(loc.uri)}: {loc.object_uri(name)} arrived with {written} bytes, "
                 f"expected {obj.size}; retry the request",
                 field=FIELD,
             )
@@ -374,7 +378,7 @@ class S3Source:
         boto (some S3 error bodies echo the access key id); credentials never appear."""
         from botocore import exceptions as bx
 
-        where = f"adapter {loc.uri!r}"
+        where = f"adapter {shown(loc.uri)}"
         obj = loc.object_uri(name) + (f" (version {version_id})" if version_id else "")
         endpoint = redact_url(self.settings.endpoint_url)
         if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
@@ -406,10 +410,10 @@ class S3Source:
             code = self._diagnose(loc, name, version_id) or code
         log.info("S3 error %s (HTTP %s) reading %s", code, status, obj)
         if code == "NoSuchBucket":
-            return NotFound(f"{where}: S3 bucket {loc.bucket!r} does not exist", field=FIELD)
+            return NotFound(f"{where}: S3 bucket {shown(loc.bucket)} does not exist", field=FIELD)
         if code in ("NoSuchVersion", "InvalidArgument", "400", "404", "NoSuchKey") and version_id:
             return NotFound(
-                f"{where}: S3 object {loc.object_uri(name)} has no version {version_id!r}", field=FIELD
+                f"{where}: S3 object {loc.object_uri(name)} has no version {shown(version_id)}", field=FIELD
             )
         if code in ("NoSuchKey", "404", "NotFound"):
             return NotFound(f"{where}: S3 object {obj} does not exist", field=FIELD)
@@ -429,7 +433,7 @@ class S3Source:
         if code in ("PreconditionFailed", "412"):
             return Unavailable(f"{where}: {obj} changed while it was being downloaded; retry", field=FIELD)
         if code == "InvalidBucketName":
-            return InvalidArgument(f"{where}: invalid S3 bucket name {loc.bucket!r}", field=FIELD)
+            return InvalidArgument(f"{where}: invalid S3 bucket name {shown(loc.bucket)}", field=FIELD)
         if code in _UNAVAILABLE_CODES or status >= 500:
             return Unavailable(
                 f"{where}: S3 endpoint {endpoint} failed ({code or status}); retry later", field=FIELD
