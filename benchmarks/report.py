@@ -105,12 +105,22 @@ def git_commit() -> str:
         return "unknown"
 
 
+def default_command() -> str:
+    """How this process was started, as a user would type it (``python -m`` form, BENCH_* variables)."""
+    argv = list(sys.argv)
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    head = ["python", "-m", spec.name] if spec is not None and spec.name else ["python", argv[0]]
+    env = [f"{k}={shlex.quote(v)}" for k, v in sorted(os.environ.items()) if k.startswith("BENCH_")]
+    return " ".join([*env, *head, *(shlex.quote(a) for a in argv[1:])])
+
+
 class Report:
     """Callable: ``report(result, title=None)`` records and prints one benchmark's results."""
 
     def __init__(self, command: str | None = None) -> None:
         self.started = dt.datetime.now(dt.UTC)
-        self.command = command or " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+        self.command = command or default_command()
         self.machine = machine()
         self.commit = git_commit()
         self.sections: list[tuple[str, str]] = []
@@ -131,10 +141,14 @@ class Report:
     table = staticmethod(table)
 
     def markdown(self) -> str:
+        try:
+            load_end = f", {os.getloadavg()[0]:.1f} at the end"
+        except OSError:
+            load_end = ""
         head = [
             f"# Run of {self.started:%Y-%m-%d %H:%M} UTC",
             "",
-            f"- machine: {self.machine}",
+            f"- machine: {self.machine}{load_end}",
             f"- command: `{self.command}`",
             f"- commit: {self.commit}",
             "",
