@@ -66,8 +66,10 @@ test: setup proto-check lint deploy-check
 test-fast: setup
 	$(BIN)/pytest -m "not e2e and not slow" $(PYTEST_ARGS)
 
+# One torch thread: on a shared 2-core machine two threads stall each other and swing the ratios.
+BENCH_THREADS ?= 1
 bench: setup
-	$(PY) -m benchmarks.run
+	BENCH_THREADS=$(BENCH_THREADS) $(PY) -m benchmarks.run
 
 LOAD_SECONDS ?= 90
 LOAD_ARGS ?=
