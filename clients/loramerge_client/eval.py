@@ -182,6 +182,7 @@ def merged_config(
     density: float | None = None,
     seed: int | None = None,
     name: str = "",
+    target_rank: int = 0,
 ) -> Config:
     if len(weights) != len(adapters):
         raise InvalidArgument(
@@ -195,6 +196,7 @@ def merged_config(
         density=density if strategy in DENSITY_STRATEGIES else None,
         space=space,
         seed=seed,
+        target_rank=int(target_rank),
     )
     params: dict[str, Any] = {
         "adapters": list(adapters),
@@ -206,14 +208,17 @@ def merged_config(
         params["density"] = spec.density
     if seed is not None:
         params["seed"] = seed
+    if target_rank:
+        params["target_rank"] = int(target_rank)
     return Config(name or config_name(params), "merged", spec, params)
 
 
 def config_name(params: dict[str, Any]) -> str:
-    """``facts:1+upper:1 ties d=0.5 delta``."""
+    """``facts:1+upper:1 ties d=0.5 delta`` (`` r=64`` when a target rank is asked for)."""
     mix = "+".join(f"{a}:{w:g}" for a, w in zip(params["adapters"], params["weights"], strict=True))
     density = f" d={params['density']:g}" if "density" in params else ""
-    return f"{mix} {params['strategy']}{density} {params['space']}"
+    rank = f" r={params['target_rank']}" if params.get("target_rank") else ""
+    return f"{mix} {params['strategy']}{density} {params['space']}{rank}"
 
 
 def grid(
@@ -224,9 +229,11 @@ def grid(
     weights: Iterable[Sequence[float]] = (),
     densities: Iterable[float] = (0.5,),
     seed: int | None = None,
+    target_ranks: Iterable[int] = (0,),
 ) -> list[Config]:
-    """Every combination of strategy × space × weights × density (density only where the strategy
-    uses it), in that order, without duplicates. Weights default to 1 for every adapter."""
+    """Every combination of strategy × space × weights × density × target rank (density only where
+    the strategy uses it), in that order, without duplicates. Weights default to 1 for every adapter;
+    target rank 0 is the merge service's default (exact for linear, the sum of the ranks otherwise)."""
     if len(adapters) < 2:
         raise InvalidArgument(f"a grid needs at least two adapters, got {list(adapters)}", field="adapters")
     weight_sets = [tuple(w) for w in weights] or [tuple(1.0 for _ in adapters)]
@@ -234,18 +241,21 @@ def grid(
     for d in density_list:
         if not 0 < d <= 1:
             raise InvalidArgument(f"densities must be in (0, 1], got {d}", field="densities")
+    ranks = list(target_ranks) or [0]
+    if any(r < 0 for r in ranks):
+        raise InvalidArgument(f"target ranks must be >= 0, got {ranks}", field="target_ranks")
     out: dict[str, Config] = {}
     for strategy, space, w in itertools.product(strategies, spaces, weight_sets):
         strategy = strategy.lower().replace("-", "_")
-        for d in density_list if strategy in DENSITY_STRATEGIES else [None]:
-            c = merged_config(adapters, w, strategy, space.lower(), d, seed)
+        for d, r in itertools.product(density_list if strategy in DENSITY_STRATEGIES else [None], ranks):
+            c = merged_config(adapters, w, strategy, space.lower(), d, seed, target_rank=r)
             out.setdefault(c.name, c)
     return list(out.values())
 
 
 def load_configs(path: str | Path) -> list[Config]:
     """A JSON list of merged configurations: ``{"name"?, "adapters": [...], "weights"?, "strategy"?,
-    "space"?, "density"?, "seed"?}``."""
+    "space"?, "density"?, "seed"?, "target_rank"?}``."""
     try:
         data = json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
@@ -266,6 +276,7 @@ def load_configs(path: str | Path) -> list[Config]:
                 c.get("density"),
                 c.get("seed"),
                 str(c.get("name", "")),
+                int(c.get("target_rank", 0)),
             )
         )
     return out

@@ -99,6 +99,9 @@ def test_grid_is_the_product_with_density_only_where_used() -> None:
     assert all(c.choice.density is None for c in configs if c.params["strategy"] == "linear")
     spec = configs[0].choice.to_proto()  # a real MergeSpec
     assert (list(spec.ids), list(spec.weights)) == (["a", "b"], [1.0, 1.0])
+    ranked = grid(["a", "b"], strategies=["ties"], densities=[0.5], target_ranks=[0, 32])
+    assert [c.name for c in ranked] == ["a:1+b:1 ties d=0.5 delta", "a:1+b:1 ties d=0.5 delta r=32"]
+    assert [c.choice.to_proto().target_rank for c in ranked] == [0, 32]
     with pytest.raises(InvalidArgument, match=r"densities must be in \(0, 1\], got 1.5"):
         grid(["a", "b"], strategies=["ties"], densities=[1.5])
     with pytest.raises(InvalidArgument, match="one weight per adapter"):

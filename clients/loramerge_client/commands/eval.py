@@ -51,6 +51,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )  # fmt: skip
     g.add_argument("--densities", default="0.5", help="comma list, for density strategies [%(default)s]")
     g.add_argument("--seed", type=int, help="seed for the random (DARE) strategies")
+    g.add_argument(
+        "--target-ranks", default="0",
+        help="comma list of merged ranks; 0 is the service's default (exact, or the sum of ranks) [0]",
+    )  # fmt: skip
     g.add_argument("--configs", metavar="JSON", help="file with a list of merged configurations")
     g.add_argument("--no-baselines", action="store_true", help="skip the base model and single adapters")
     g.add_argument(
@@ -92,6 +96,7 @@ def configs_from_args(args: argparse.Namespace, suite_adapters: list[str]) -> li
             weights=[_floats(w, "--weights") for w in args.weights],
             densities=_floats(args.densities, "--densities"),
             seed=args.seed,
+            target_ranks=[int(r) for r in _floats(args.target_ranks, "--target-ranks")],
         )
     if args.configs:
         configs += load_configs(args.configs)
