@@ -33,7 +33,8 @@ from loramerge_client.eval import (
     single_configs,
 )
 
-from demo.assets import CONFLICTING_PAIR, MERGEABLE_PAIR, REPO_ROOT, VARIANTS, DemoAssets, ensure_assets
+from demo.assets import CONFLICTING_PAIR, MERGEABLE_PAIR, REPO_ROOT, VARIANTS, DemoAssets
+from demo.cache import ensure_assets
 from demo.serve import interrupt_on_sigterm
 from demo.services import DemoServices, running
 

@@ -16,26 +16,23 @@ conflict. The output directory holds ``base/`` (a Hugging Face Llama directory),
 (PEFT directories), ``suite.json`` (the evaluation tasks), ``inventory.json`` and
 ``measurements.json`` (accuracies measured with transformers greedy decoding at build time).
 
-The build is byte-identical for fixed settings and cached under a directory named after a hash of this
-file and the settings. ``python -m demo.assets --variant small --out DIR``.
+The build is byte-identical for fixed settings; ``asset_hash`` (this file's source and the settings)
+names it, and ``demo.cache`` keeps it until either changes. ``python -m demo.assets --variant small
+--out DIR``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import fcntl
 import hashlib
 import json
 import math
-import os
 import random
 import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -45,7 +42,6 @@ from torch import nn
 
 BASE_MODEL_NAME = "loramerge-demo-base"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CACHE_ROOT = REPO_ROOT / ".cache" / "demo-assets"
 STAMP_FILE = "build.json"
 
 EOS = "\n"
@@ -155,68 +151,6 @@ def asset_hash(settings: Settings) -> str:
     h.update(Path(__file__).read_bytes())
     h.update(json.dumps(asdict(settings), sort_keys=True).encode())
     return h.hexdigest()
-
-
-def default_dir(settings: Settings, cache_root: Path | None = None) -> Path:
-    root = cache_root or Path(os.environ.get("LORAMERGE_DEMO_CACHE", DEFAULT_CACHE_ROOT))
-    return root / f"{settings.variant}-{asset_hash(settings)[:16]}"
-
-
-def is_built(out: Path, settings: Settings) -> bool:
-    stamp = out / STAMP_FILE
-    if not stamp.is_file():
-        return False
-    with contextlib.suppress(ValueError, OSError):
-        return json.loads(stamp.read_text()).get("hash") == asset_hash(settings)
-    return False
-
-
-def ensure_assets(
-    variant: str | Settings = "full",
-    out: Path | None = None,
-    *,
-    log: Callable[[str], None] | None = None,
-) -> DemoAssets:
-    """Return the assets for ``variant``, building them first unless an up-to-date copy exists.
-
-    The build goes to a temporary sibling directory and is renamed into place at the end, under a file
-    lock, so concurrent callers build once and nobody ever sees a half-written directory.
-    """
-    settings = variant if isinstance(variant, Settings) else VARIANTS[variant]
-    out = Path(out) if out is not None else default_dir(settings)
-    if is_built(out, settings):
-        return DemoAssets(out, settings)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(out.parent / f".{out.name}.lock"):
-        if is_built(out, settings):
-            return DemoAssets(out, settings)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
-            build_assets(tmp, settings, log=log or _print)
-            if out.exists():
-                shutil.rmtree(out)
-            _publish_permissions(tmp)
-            tmp.rename(out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return DemoAssets(out, settings)
-
-
-def _publish_permissions(root: Path) -> None:
-    """World-readable files (mkdtemp and safetensors create private ones)."""
-    root.chmod(0o755)
-    for p in root.rglob("*"):
-        p.chmod(0o755 if p.is_dir() else 0o644)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with path.open("w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -768,6 +702,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="rebuild even if up to date")
     ap.add_argument("--seed", type=int, help="override the variant's seed")
     args = ap.parse_args(argv)
+    from demo.cache import default_dir, ensure_assets
+
     settings = VARIANTS[args.variant]
     if args.seed is not None:
         settings = replace(settings, seed=args.seed)

@@ -15,7 +15,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from demo.assets import BASE_MODEL_NAME, REPO_ROOT, VARIANTS, ensure_assets
+from demo.assets import BASE_MODEL_NAME, REPO_ROOT, VARIANTS
+from demo.cache import ensure_assets
 from demo.services import running
 
 

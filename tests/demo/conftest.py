@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from demo.assets import DemoAssets, ensure_assets
+from demo.assets import DemoAssets
+from demo.cache import ensure_assets
 
 
 @pytest.fixture(scope="session")

@@ -18,9 +18,8 @@ from demo.assets import (
     DemoAssets,
     asset_hash,
     build_assets,
-    default_dir,
-    ensure_assets,
 )
+from demo.cache import default_dir, ensure_assets
 
 pytestmark = pytest.mark.slow
 
@@ -112,6 +111,8 @@ def test_transformers_and_peft_reproduce_each_skill(demo_small: DemoAssets, one_
 def test_rebuild_is_byte_identical_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORAMERGE_DEMO_CACHE", str(tmp_path / "cache"))
     logged: list[str] = []
+    killed = default_dir(TINY).parent / f".{default_dir(TINY).name}.killed"  # a build that never finished
+    (killed / "base").mkdir(parents=True)
     first = ensure_assets(TINY, log=logged.append)
     assert first.root == default_dir(TINY) and first.root.name.startswith("tiny-")
     assert logged, "the first call builds"
@@ -129,4 +130,4 @@ def test_rebuild_is_byte_identical_and_cached(tmp_path: Path, monkeypatch: pytes
     other = replace(TINY, seed=TINY.seed + 1)
     assert asset_hash(other) != asset_hash(TINY) and default_dir(other) != default_dir(TINY)
     leftovers = [p for p in (tmp_path / "cache").iterdir() if p.is_dir() and p.name.startswith(".")]
-    assert not leftovers, "no temporary build directory is left behind"
+    assert not leftovers, "no temporary build directory is left behind (nor a killed build's)"

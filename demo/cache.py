@@ -1,0 +1,99 @@
+"""Where built demo assets live, and building them only when needed.
+
+A build is identified by ``demo.assets.asset_hash`` (the build script's source and the settings) and
+kept in ``.cache/demo-assets/<variant>-<hash>/`` (or under ``$LORAMERGE_DEMO_CACHE``). It is written
+to a temporary sibling directory and renamed into place at the end, under a file lock, so concurrent
+callers build once and nobody sees a half-written directory. This module is not part of the hash:
+changing how assets are cached does not rebuild them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from demo.assets import REPO_ROOT, STAMP_FILE, VARIANTS, DemoAssets, Settings, asset_hash, build_assets
+
+DEFAULT_CACHE_ROOT = REPO_ROOT / ".cache" / "demo-assets"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LORAMERGE_DEMO_CACHE", DEFAULT_CACHE_ROOT))
+
+
+def default_dir(settings: Settings, root: Path | None = None) -> Path:
+    return (root or cache_root()) / f"{settings.variant}-{asset_hash(settings)[:16]}"
+
+
+def is_built(out: Path, settings: Settings) -> bool:
+    """True when ``out`` holds a finished build of exactly these settings and this build script."""
+    stamp = out / STAMP_FILE
+    if not stamp.is_file():
+        return False
+    with contextlib.suppress(ValueError, OSError):
+        return json.loads(stamp.read_text()).get("hash") == asset_hash(settings)
+    return False
+
+
+def ensure_assets(
+    variant: str | Settings = "full",
+    out: Path | None = None,
+    *,
+    log: Callable[[str], None] | None = None,
+) -> DemoAssets:
+    """The assets for ``variant`` (a name in ``VARIANTS`` or ``Settings``), built first unless an
+    up-to-date copy exists at ``out`` (default: the cache directory named by the hash)."""
+    settings = variant if isinstance(variant, Settings) else VARIANTS[variant]
+    out = Path(out) if out is not None else default_dir(settings)
+    if is_built(out, settings):
+        return DemoAssets(out, settings)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(out.parent / f".{out.name}.lock"):
+        if is_built(out, settings):
+            return DemoAssets(out, settings)
+        _remove_stale_builds(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            build_assets(tmp, settings, log=log or _stderr)
+            if out.exists():
+                shutil.rmtree(out)
+            _publish_permissions(tmp)
+            tmp.rename(out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return DemoAssets(out, settings)
+
+
+def _remove_stale_builds(out: Path) -> None:
+    """Temporary directories of builds that were killed; safe to remove while holding the lock."""
+    for p in out.parent.glob(f".{out.name}.*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _publish_permissions(root: Path) -> None:
+    """World-readable files (mkdtemp and safetensors create private ones)."""
+    root.chmod(0o755)
+    for p in root.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with path.open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
