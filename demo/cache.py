@@ -50,7 +50,8 @@ def ensure_assets(
 ) -> DemoAssets:
     """The assets for ``variant`` (a name in ``VARIANTS`` or ``Settings``), built first unless an
     up-to-date copy exists at ``out`` (default: the cache directory named by the hash)."""
-    settings = variant if isinstance(variant, Settings) else VARIANTS[variant]
+    # Not isinstance(variant, Settings): under ``python -m demo.assets`` the class lives in __main__.
+    settings = VARIANTS[variant] if isinstance(variant, str) else variant
     out = Path(out) if out is not None else default_dir(settings)
     if is_built(out, settings):
         return DemoAssets(out, settings)

@@ -4,6 +4,8 @@ transformers and PEFT load the files as they are, rebuilds are byte-identical, a
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -131,3 +133,15 @@ def test_rebuild_is_byte_identical_and_cached(tmp_path: Path, monkeypatch: pytes
     assert asset_hash(other) != asset_hash(TINY) and default_dir(other) != default_dir(TINY)
     leftovers = [p for p in (tmp_path / "cache").iterdir() if p.is_dir() and p.name.startswith(".")]
     assert not leftovers, "no temporary build directory is left behind (nor a killed build's)"
+
+
+def test_command_line_reuses_a_finished_build(demo_small: DemoAssets) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "demo.assets", "--variant", "small", "--out", str(demo_small.root)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert out.stdout.strip() == str(demo_small.root)
+    assert "building" not in out.stderr
