@@ -52,6 +52,8 @@ proto: setup
 proto-check: setup
 	BUF_CACHE_DIR=$(TOOLS)/buf-cache $(BUF) lint
 	BUF_CACHE_DIR=$(TOOLS)/buf-cache $(BUF) format -d --exit-code
+	@# The contract as first released (buf build -o protos/baseline-v1.binpb): changes must stay compatible.
+	BUF_CACHE_DIR=$(TOOLS)/buf-cache $(BUF) breaking --against protos/baseline-v1.binpb
 
 lint: setup
 	$(BIN)/ruff check .

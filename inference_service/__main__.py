@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
+from inference_service.recipes import RecipeBook, RecipeError, load_recipes
 from inference_service.server import EngineDied, serve
 from inference_service.settings import ENV_PREFIX, InferenceSettings
 from loramerge_common.logs import setup_logging
@@ -29,9 +30,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"loramerge-inference-service: {e}")
     if not settings.model:
         sys.exit("loramerge-inference-service: --model (LORAMERGE_INFERENCE_MODEL) is required")
+    try:
+        recipes = load_recipes(settings.recipes)
+    except RecipeError as e:
+        sys.exit(f"loramerge-inference-service: {e}")
     setup_logging(settings.log_level, settings.log_format)
     try:
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, recipes=RecipeBook(recipes)))
     except EngineDied as e:
         print(f"loramerge-inference-service: {e}", file=sys.stderr)
         sys.exit(EXIT_ENGINE_DIED)

@@ -68,8 +68,15 @@ def validate(s: inference_pb2.SamplingParams, max_model_len: int) -> None:
     _check(all(s.stop), "stop", "must not contain empty strings")
 
 
-def to_vllm(s: inference_pb2.SamplingParams, max_model_len: int, *, streaming: bool = True):
-    """vLLM SamplingParams; outputs come as deltas (each RequestOutput holds only the new tokens)."""
+def to_vllm(
+    s: inference_pb2.SamplingParams,
+    max_model_len: int,
+    *,
+    streaming: bool = True,
+    logprobs: int | None = None,
+):
+    """vLLM SamplingParams; outputs come as deltas (each RequestOutput holds only the new tokens).
+    ``logprobs``: return each generated token's log-probability and that many alternatives."""
     from vllm import SamplingParams
     from vllm.exceptions import VLLMValidationError
     from vllm.sampling_params import RequestOutputKind
@@ -88,6 +95,7 @@ def to_vllm(s: inference_pb2.SamplingParams, max_model_len: int, *, streaming: b
             frequency_penalty=s.frequency_penalty,
             min_tokens=s.min_tokens,
             ignore_eos=s.ignore_eos,
+            logprobs=logprobs,
             output_kind=RequestOutputKind.DELTA if streaming else RequestOutputKind.FINAL_ONLY,
         )
     except VLLMValidationError as e:  # a bound of another vLLM version that validate does not know

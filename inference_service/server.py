@@ -19,16 +19,22 @@ import shutil
 import uuid
 from pathlib import Path
 
+from grpc_health.v1.health_pb2 import HealthCheckResponse
 from loramerge.v1 import inference_pb2, inference_pb2_grpc
 from prometheus_client import CollectorRegistry
 
+from inference_service.chat import ChatTemplate
+from inference_service.dataplane import DataPlane
 from inference_service.engine import Engine
+from inference_service.http_server import HttpFrontEnd, HttpOptions
 from inference_service.merge_client import MergeClient
 from inference_service.metrics import InferenceMetrics
 from inference_service.receiver import AdapterLimits
+from inference_service.recipes import RecipeBook, load_recipes
 from inference_service.registry import AdapterRegistry
 from inference_service.servicer import InferenceServicer
 from inference_service.settings import InferenceSettings
+from loramerge_common.auth import load_token
 from loramerge_common.errors import Unavailable
 from loramerge_common.metrics import RpcMetrics
 from loramerge_common.server import GrpcServer, Service
@@ -40,6 +46,7 @@ SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].ful
 WATCHDOG_SECONDS = 1.0  # reading vLLM's dead flag is cheap; a short period restarts the pod sooner
 ENGINE_DEATH_GRACE_SECONDS = 5.0  # calls still running after engine death can only fail: do not wait long
 ENGINE_DEAD = "the vLLM engine has died; the service is restarting"
+SERVING = HealthCheckResponse.SERVING
 
 
 class EngineDied(RuntimeError):
@@ -89,16 +96,21 @@ async def _until_stopped(
         stop_task.cancel()
 
 
-async def serve(settings: InferenceSettings, stop_event: asyncio.Event | None = None) -> None:
+async def serve(
+    settings: InferenceSettings, stop_event: asyncio.Event | None = None, recipes: RecipeBook | None = None
+) -> None:
     """Run the service until SIGTERM/SIGINT (or ``stop_event``), then drain and clean up."""
     stop_event = stop_event or asyncio.Event()
     installed = install_stop_signals(stop_event)
     registry = CollectorRegistry()
     rpc_metrics = RpcMetrics(registry)
     metrics = InferenceMetrics(registry)
-    servicer = InferenceServicer(
-        metrics=metrics, rpc_metrics=rpc_metrics, merge_timeout_seconds=settings.merge_timeout_seconds
+    plane = DataPlane(
+        metrics=metrics,
+        merge_timeout_seconds=settings.merge_timeout_seconds,
+        recipes=recipes if recipes is not None else RecipeBook(load_recipes(settings.recipes)),
     )
+    servicer = InferenceServicer(rpc_metrics=rpc_metrics, dataplane=plane)
     server = GrpcServer(
         settings,
         [Service(SERVICE_NAME, servicer, inference_pb2_grpc.add_InferenceServiceServicer_to_server)],
@@ -106,6 +118,7 @@ async def serve(settings: InferenceSettings, stop_event: asyncio.Event | None = 
         rpc_metrics=rpc_metrics,
         serving_at_start=False,
     )
+    http = http_front_end(settings, plane, server, registry)
     work_dir = run_directory(settings.adapter_dir)
     engine: Engine | None = None
     adapters: AdapterRegistry | None = None
@@ -114,6 +127,8 @@ async def serve(settings: InferenceSettings, stop_event: asyncio.Event | None = 
     engine_died = False
     try:
         await server.start()
+        if http is not None:
+            await http.start()
         engine_task = asyncio.ensure_future(Engine.start(settings, work_dir))
         stop_task = asyncio.ensure_future(stop_event.wait())
         await asyncio.wait({engine_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -141,18 +156,26 @@ async def serve(settings: InferenceSettings, stop_event: asyncio.Event | None = 
             default_timeout=settings.merge_timeout_seconds,
             metrics=metrics,
         )
-        servicer.attach(engine, adapters)
+        chat = await asyncio.to_thread(ChatTemplate.load, settings.model, settings.chat_template)
+        servicer.attach(engine, adapters, chat)
         await server.health.set_serving(True)
         watchdog = asyncio.ensure_future(_watchdog(engine, server))
         log.info("inference service ready", extra={"address": server.address, "model": engine.info.model})
         if settings.ready_file is not None:
-            write_ready_file(settings.ready_file, server)
+            write_ready_file(settings.ready_file, server, http)
         engine_died = await _until_stopped(stop_event, watchdog, adapters, settings.exit_on_engine_death)
     finally:
         remove_stop_signals(installed)
         if watchdog is not None:
             watchdog.cancel()
-        await server.stop(min(settings.grace_seconds, ENGINE_DEATH_GRACE_SECONDS) if engine_died else None)
+        grace = min(settings.grace_seconds, ENGINE_DEATH_GRACE_SECONDS) if engine_died else None
+        grpc_stopped = asyncio.ensure_future(server.stop(grace))
+        if http is not None:
+            # Health is NOT_SERVING now, so new HTTP calls get 503 + Retry-After during the drain
+            # window; then the HTTP server lets its calls in flight finish and closes.
+            await asyncio.sleep(0 if engine_died else settings.drain_seconds)
+            await http.stop()
+        await grpc_stopped
         if adapters is not None:
             await adapters.close()
         if merge_client is not None:
@@ -167,12 +190,32 @@ async def serve(settings: InferenceSettings, stop_event: asyncio.Event | None = 
         raise EngineDied(ENGINE_DEAD)
 
 
-def write_ready_file(path: Path, server: GrpcServer) -> None:
+def http_front_end(
+    settings: InferenceSettings, plane: DataPlane, server: GrpcServer, registry: CollectorRegistry
+) -> HttpFrontEnd | None:
+    """The HTTP API on ``settings.http_listen`` (None when empty), with the gRPC server's TLS, token,
+    size limit, metrics registry and health."""
+    if not settings.http_listen:
+        return None
+    options = HttpOptions(
+        listen=settings.http_listen,
+        max_body_bytes=settings.max_receive_message_bytes,
+        token=load_token(settings.auth_token, settings.auth_token_file),
+        tls_cert=str(settings.tls_cert) if settings.tls_cert else None,
+        tls_key=str(settings.tls_key) if settings.tls_key else None,
+        tls_client_ca=str(settings.tls_client_ca) if settings.tls_client_ca else None,
+        grace_seconds=settings.grace_seconds,
+    )
+    return HttpFrontEnd(plane, options, serving=lambda: server.health.status() == SERVING, registry=registry)
+
+
+def write_ready_file(path: Path, server: GrpcServer, http: HttpFrontEnd | None = None) -> None:
     """Atomically write where the service listens (a reader never sees a partial file)."""
     info = {
         "address": server.address,
         "port": server.port,
         "metrics_port": server.metrics_port,
+        "http_port": http.port if http is not None else None,
         "pid": os.getpid(),
     }
     tmp = path.with_name(path.name + ".tmp")

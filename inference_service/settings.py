@@ -87,6 +87,17 @@ class InferenceSettings(MergeClientSettings, EngineSettings, ServerSettings):
     ready_file: Path | None = setting(
         None, "once serving, write {address, port, metrics_port, pid} as JSON here (tests, scripts)"
     )
+    http_listen: str = setting(
+        "0.0.0.0:8000",
+        "host:port of the OpenAI- and LoRAX-compatible HTTP API (same TLS, token and limits as gRPC); "
+        "empty turns it off",
+    )
+    recipes: Path | None = setting(
+        None, "YAML or JSON file of named merge recipes (name -> MergeSpec JSON), served by name on every API"
+    )
+    chat_template: Path | None = setting(
+        None, "Jinja chat template file for chat requests; default: the base model tokenizer's own"
+    )
     exit_on_engine_death: bool = setting(
         True,
         "when the vLLM engine dies, fail calls in flight with UNAVAILABLE and exit non-zero so that the "

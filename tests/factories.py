@@ -41,6 +41,14 @@ _CORPUS = [
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
 
+# A small chat template in the shape real ones take (BOS written by the template, role markers,
+# an opened assistant turn), so chat requests exercise the tokenizer's own rendering.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
 def _build_tokenizer(vocab_size: int, model_max_length: int):
     """A byte-level BPE tokenizer with <s>, </s>, <pad>, trained on a fixed corpus."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -115,6 +123,7 @@ def make_tiny_llama(
         pad_token_id=tokenizer.pad_token_id,
     )
     model.save_pretrained(out, safe_serialization=True)
+    tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(out)
     return out
 

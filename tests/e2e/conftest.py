@@ -144,6 +144,8 @@ def _inference_ready(svc: ServiceProcess) -> bool:
         return False
     info = json.loads(ready_file.read_text())
     svc.address, svc.port = info["address"], int(info["port"])
+    if info.get("http_port"):
+        svc.extra["http_url"] = f"http://127.0.0.1:{info['http_port']}"
     return True
 
 
@@ -185,6 +187,23 @@ def merge_service(
         svc.stop()
 
 
+RECIPES = {
+    "ab-linear": {
+        "adapters": [{"id": "a", "weight": 0.6}, {"id": "b", "weight": 0.4}],
+        "merge_strategy": "LINEAR",
+    },
+    "ab-ties": {"ids": ["a", "b"], "weights": [1.0, 0.5], "merge_strategy": "TIES", "density": 0.7},
+}
+
+
+def write_recipes(path: Path) -> Path:
+    """The session's recipe file (YAML; the test suite also reads RECIPES)."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(RECIPES))
+    return path
+
+
 @pytest.fixture(scope="session")
 def inference_service(
     tiny_llama: Path, merge_service: MergeServiceProcess, tmp_path_factory: pytest.TempPathFactory
@@ -200,6 +219,8 @@ def inference_service(
             sys.executable, "-m", "inference_service",
             "--model", str(tiny_llama),
             "--listen", "127.0.0.1:0",
+            "--http-listen", "127.0.0.1:0",
+            "--recipes", str(write_recipes(work / "recipes.yaml")),
             "--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1",
             "--merge-service", merge_service.address,
             "--adapter-dir", str(adapter_dir),

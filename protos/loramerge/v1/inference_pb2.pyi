@@ -46,7 +46,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., min_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "sampling", "adapter_id", "adapter_source", "adapter_revision", "adapter_weight", "merged_adapters", "merge_key", "request_id")
+    __slots__ = ("prompt", "sampling", "adapter_id", "adapter_source", "adapter_revision", "adapter_weight", "merged_adapters", "merge_key", "request_id", "messages", "recipe", "logprobs", "top_logprobs")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,10 @@ class GenerateRequest(_message.Message):
     MERGED_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     MERGE_KEY_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    RECIPE_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     sampling: SamplingParams
     adapter_id: str
@@ -65,7 +69,41 @@ class GenerateRequest(_message.Message):
     merged_adapters: _merge_pb2.MergeSpec
     merge_key: str
     request_id: str
-    def __init__(self, prompt: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., adapter_id: _Optional[str] = ..., adapter_source: _Optional[_Union[_merge_pb2.AdapterSource, str]] = ..., adapter_revision: _Optional[str] = ..., adapter_weight: _Optional[float] = ..., merged_adapters: _Optional[_Union[_merge_pb2.MergeSpec, _Mapping]] = ..., merge_key: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    recipe: str
+    logprobs: bool
+    top_logprobs: int
+    def __init__(self, prompt: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., adapter_id: _Optional[str] = ..., adapter_source: _Optional[_Union[_merge_pb2.AdapterSource, str]] = ..., adapter_revision: _Optional[str] = ..., adapter_weight: _Optional[float] = ..., merged_adapters: _Optional[_Union[_merge_pb2.MergeSpec, _Mapping]] = ..., merge_key: _Optional[str] = ..., request_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., recipe: _Optional[str] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
+
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+
+class TopLogprob(_message.Message):
+    __slots__ = ("token_id", "text", "logprob")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    text: str
+    logprob: float
+    def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ...) -> None: ...
+
+class TokenLogprob(_message.Message):
+    __slots__ = ("token_id", "text", "logprob", "top_logprobs")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    text: str
+    logprob: float
+    top_logprobs: _containers.RepeatedCompositeFieldContainer[TopLogprob]
+    def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
 
 class AdapterUsage(_message.Message):
     __slots__ = ("name", "merge_key", "already_loaded", "merge_cache_hit", "merge_ms", "transfer_ms", "load_ms", "rank")
@@ -88,7 +126,7 @@ class AdapterUsage(_message.Message):
     def __init__(self, name: _Optional[str] = ..., merge_key: _Optional[str] = ..., already_loaded: _Optional[bool] = ..., merge_cache_hit: _Optional[bool] = ..., merge_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ..., load_ms: _Optional[float] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("text", "finish_reason", "prompt_tokens", "completion_tokens", "adapter", "token_ids", "request_id")
+    __slots__ = ("text", "finish_reason", "prompt_tokens", "completion_tokens", "adapter", "token_ids", "request_id", "logprobs")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +134,7 @@ class GenerateResponse(_message.Message):
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     text: str
     finish_reason: FinishReason
     prompt_tokens: int
@@ -103,10 +142,11 @@ class GenerateResponse(_message.Message):
     adapter: AdapterUsage
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     request_id: str
-    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., adapter: _Optional[_Union[AdapterUsage, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., adapter: _Optional[_Union[AdapterUsage, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., request_id: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
-    __slots__ = ("text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens", "adapter", "request_id")
+    __slots__ = ("text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens", "adapter", "request_id", "logprobs")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +154,7 @@ class GenerateStreamResponse(_message.Message):
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: FinishReason
@@ -121,7 +162,8 @@ class GenerateStreamResponse(_message.Message):
     completion_tokens: int
     adapter: AdapterUsage
     request_id: str
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., adapter: _Optional[_Union[AdapterUsage, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., adapter: _Optional[_Union[AdapterUsage, _Mapping]] = ..., request_id: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class LoadAdapterResponse(_message.Message):
     __slots__ = ("name", "merge_key", "already_loaded", "load_ms")
@@ -188,3 +230,23 @@ class UnloadAdapterResponse(_message.Message):
     UNLOADED_FIELD_NUMBER: _ClassVar[int]
     unloaded: bool
     def __init__(self, unloaded: _Optional[bool] = ...) -> None: ...
+
+class ListRecipesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Recipe(_message.Message):
+    __slots__ = ("name", "spec", "description")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    spec: _merge_pb2.MergeSpec
+    description: str
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[_merge_pb2.MergeSpec, _Mapping]] = ..., description: _Optional[str] = ...) -> None: ...
+
+class ListRecipesResponse(_message.Message):
+    __slots__ = ("recipes",)
+    RECIPES_FIELD_NUMBER: _ClassVar[int]
+    recipes: _containers.RepeatedCompositeFieldContainer[Recipe]
+    def __init__(self, recipes: _Optional[_Iterable[_Union[Recipe, _Mapping]]] = ...) -> None: ...

@@ -62,6 +62,11 @@ class InferenceServiceStub:
                 request_serializer=loramerge_dot_v1_dot_inference__pb2.UnloadAdapterRequest.SerializeToString,
                 response_deserializer=loramerge_dot_v1_dot_inference__pb2.UnloadAdapterResponse.FromString,
                 _registered_method=True)
+        self.ListRecipes = channel.unary_unary(
+                '/loramerge.v1.InferenceService/ListRecipes',
+                request_serializer=loramerge_dot_v1_dot_inference__pb2.ListRecipesRequest.SerializeToString,
+                response_deserializer=loramerge_dot_v1_dot_inference__pb2.ListRecipesResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -102,6 +107,13 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListRecipes(self, request, context):
+        """The merge recipes the service was started with.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +141,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.UnloadAdapter,
                     request_deserializer=loramerge_dot_v1_dot_inference__pb2.UnloadAdapterRequest.FromString,
                     response_serializer=loramerge_dot_v1_dot_inference__pb2.UnloadAdapterResponse.SerializeToString,
+            ),
+            'ListRecipes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRecipes,
+                    request_deserializer=loramerge_dot_v1_dot_inference__pb2.ListRecipesRequest.FromString,
+                    response_serializer=loramerge_dot_v1_dot_inference__pb2.ListRecipesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -268,6 +285,33 @@ class InferenceService:
             '/loramerge.v1.InferenceService/UnloadAdapter',
             loramerge_dot_v1_dot_inference__pb2.UnloadAdapterRequest.SerializeToString,
             loramerge_dot_v1_dot_inference__pb2.UnloadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRecipes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loramerge.v1.InferenceService/ListRecipes',
+            loramerge_dot_v1_dot_inference__pb2.ListRecipesRequest.SerializeToString,
+            loramerge_dot_v1_dot_inference__pb2.ListRecipesResponse.FromString,
             options,
             channel_credentials,
             insecure,
