@@ -28,6 +28,9 @@ setup: $(VENV)/.setup-done $(BUF)
 $(VENV)/.setup-done: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(BIN)/pip install -q -e '.[$(VLLM_EXTRA),dev]'
+	@# The unmodified LoRAX client the HTTP tests drive; --no-deps because its exact certifi and
+	@# huggingface-hub<1.0 pins would disturb ours (its aiohttp, pydantic, requests are already here).
+	$(BIN)/pip install -q --no-deps lorax-client==0.6.3
 	@# PyPI's torchvision/torchaudio/torchcodec/triton are CUDA builds: importing
 	@# transformers beside the CPU torch fails with them, and text generation needs none.
 	$(if $(HAS_GPU),true,$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true)

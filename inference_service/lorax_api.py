@@ -213,7 +213,10 @@ def lorax_router(front: HttpFrontEnd) -> APIRouter:
                 async for step in _chain(first, steps):
                     texts.append(step.text)
                     toks = tokens(step, specials)
+                    # The step's text is vLLM's incremental detokenization: put it on its last token,
+                    # so the streamed texts add up to generated_text (a lone byte piece does not decode).
                     for i, token in enumerate(toks):
+                        token["text"] = step.text if i == len(toks) - 1 else ""
                         event: dict = {"token": token, "generated_text": None, "details": None}
                         if step.finish_reason and i == len(toks) - 1:
                             text = "".join(texts)

@@ -53,7 +53,11 @@ class ScriptedEngine(FakeEngine):
                     finished=done,
                     outputs=[
                         SimpleNamespace(
-                            token_ids=[10 + i], text=f"<{lora_request}:{i}>", finish_reason="length"
+                            token_ids=[10 + i],
+                            text=f"<{lora_request}:{i}>",
+                            finish_reason="length",
+                            stop_reason=None,
+                            logprobs=None,
                         )
                     ],
                 )
