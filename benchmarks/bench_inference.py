@@ -73,6 +73,7 @@ class InferenceResults:
     routes: dict[str, RouteStats]
     warm_merged_over_single: float  # total latency, p50
     warm_merged_over_single_ttft: float
+    http_over_grpc: dict[str, float]  # warm merged over OpenAI HTTP / over gRPC: total p50, p99, TTFT p50
     cold: ColdBreakdown
     merge_cached: ColdBreakdown
     engine_start_s: float
@@ -99,6 +100,10 @@ class InferenceResults:
                 "",
                 f"**warm merged / single adapter: {self.warm_merged_over_single:.3f}** (total p50), "
                 f"{self.warm_merged_over_single_ttft:.3f} (TTFT p50).",
+                "",
+                "**warm merged, OpenAI HTTP (SDK, streamed) / gRPC (aim <= 1.15):** "
+                + ", ".join(f"{k} {v:.3f}" for k, v in self.http_over_grpc.items())
+                + ".",
                 "",
                 f"Cold merged spec (never seen): merge {c.merge_ms:.1f} ms + transfer {c.transfer_ms:.1f} ms "
                 f"+ add_lora {c.load_ms:.1f} ms; TTFT {c.ttft_ms:.1f} ms, total {c.total_ms:.1f} ms "
@@ -195,6 +200,18 @@ def _breakdown(rows: list[tuple[float, float, inference_pb2.AdapterUsage]], nbyt
     )
 
 
+def _ratios(http: list[tuple[float, float]], grpc_: list[tuple[float, float]]) -> dict[str, float]:
+    """HTTP / gRPC for total p50, total p99 and TTFT p50 (same run, interleaved requests)."""
+    import numpy as np
+
+    h, g = np.array(http), np.array(grpc_)
+    return {
+        "total p50": float(np.median(h[:, 1]) / np.median(g[:, 1])),
+        "total p99": float(np.percentile(h[:, 1], 99) / np.percentile(g[:, 1], 99)),
+        "TTFT p50": float(np.median(h[:, 0]) / np.median(g[:, 0])),
+    }
+
+
 def measure(rounds: int = 20, cold: int = 8) -> InferenceResults:
     from tests.factories import make_adapter, make_tiny_llama
 
@@ -226,6 +243,7 @@ def measure(rounds: int = 20, cold: int = 8) -> InferenceResults:
                 "--adapter-dir", str(adapter_dir), "--kv-cache-bytes", "256MiB",
                 "--max-model-len", "512", "--max-lora-rank", "16", "--max-loras", "4",
                 "--max-cpu-loras", "32", "--ready-file", str(ready_file), "--log-format", "json",
+                "--http-listen", "127.0.0.1:0",
             ],
             work / "inference.log",
         )  # fmt: skip
@@ -234,6 +252,23 @@ def measure(rounds: int = 20, cold: int = 8) -> InferenceResults:
             lambda: ready_file.exists() and json.loads(ready_file.read_text())["address"], 600
         )
         engine_start_s = time.monotonic() - t0
+        http_port = json.loads(ready_file.read_text())["http_port"]
+        import openai
+
+        sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="-", max_retries=0)
+        http_merged = {"adapters": [{"id": "a", "weight": 0.5}, {"id": "b", "weight": 0.5}]}
+
+        def http_stream() -> tuple[float, float]:
+            t = time.perf_counter()
+            first = None
+            stream = sdk.completions.create(
+                model="", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, stream=True,
+                extra_body={"merged_adapters": http_merged, "ignore_eos": True},
+            )  # fmt: skip
+            for _ in stream:
+                if first is None:
+                    first = time.perf_counter() - t
+            return (first or 0.0) * 1e3, (time.perf_counter() - t) * 1e3
 
         with grpc.insecure_channel(address) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
@@ -258,12 +293,16 @@ def measure(rounds: int = 20, cold: int = 8) -> InferenceResults:
             for r in routes.values():  # load adapters, warm every code path
                 for _ in range(3):
                     _stream(stub, r)
+            for _ in range(3):
+                http_stream()
             samples: dict[str, list[tuple[float, float]]] = {name: [] for name in routes}
+            samples["warm merged, OpenAI HTTP"] = []
             for _ in range(rounds):
                 for name, r in routes.items():
                     ttft, total, usage = _stream(stub, r)
                     assert name == "base" or usage.already_loaded
                     samples[name].append((ttft, total))
+                samples["warm merged, OpenAI HTTP"].append(http_stream())
 
             cold_rows = []
             for i in range(cold):
@@ -293,6 +332,7 @@ def measure(rounds: int = 20, cold: int = 8) -> InferenceResults:
             routes=routes_stats,
             warm_merged_over_single=warm.total_p50_ms / single.total_p50_ms,
             warm_merged_over_single_ttft=warm.ttft_p50_ms / single.ttft_p50_ms,
+            http_over_grpc=_ratios(samples["warm merged, OpenAI HTTP"], samples["warm merged"]),
             cold=_breakdown(cold_rows, nbytes),
             merge_cached=_breakdown(cached_rows, nbytes),
             engine_start_s=engine_start_s,

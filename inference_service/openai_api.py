@@ -55,6 +55,17 @@ def _validation_param(e: ValidationError) -> tuple[str, str | None]:
     return f"{loc or 'body'}: {err.get('msg', 'invalid')}", loc
 
 
+def parse_body(model_class, raw: object):
+    """The request as vLLM's protocol model; its validators' errors become 400s naming the field."""
+    try:
+        return model_class.model_validate(raw)
+    except ValidationError as e:
+        message, param = _validation_param(e)
+        raise HttpError(400, message, param) from None
+    except (ValueError, TypeError) as e:  # vLLM's own validators raise VLLMValidationError (a ValueError)
+        raise HttpError(400, shown(str(e), 300, quote=False), getattr(e, "parameter", None)) from None
+
+
 def choose_adapter(
     front: HttpFrontEnd, req: inference_pb2.GenerateRequest, model: str | None, extra: dict
 ) -> str:
@@ -209,11 +220,7 @@ def openai_router(front: HttpFrontEnd) -> APIRouter:
         )
 
         raw = await read_json(request, limit)
-        try:
-            body = CompletionRequest.model_validate(raw)
-        except ValidationError as e:
-            message, param = _validation_param(e)
-            raise HttpError(400, message, param) from None
+        body = parse_body(CompletionRequest, raw)
         prompt = body.prompt
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
@@ -296,11 +303,7 @@ def openai_router(front: HttpFrontEnd) -> APIRouter:
         )
 
         raw = await read_json(request, limit)
-        try:
-            body = ChatCompletionRequest.model_validate(raw)
-        except ValidationError as e:
-            message, param = _validation_param(e)
-            raise HttpError(400, message, param) from None
+        body = parse_body(ChatCompletionRequest, raw)
         req = inference_pb2.GenerateRequest(request_id=uuid.uuid4().hex)
         for i, message in enumerate(body.messages):
             req.messages.add(role=str(message.get("role") or ""), content=message_text(message, i))

@@ -14,6 +14,8 @@ import httpx
 import openai
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from loramerge.v1 import inference_pb2, merge_pb2
 
 from tests.e2e.conftest import RECIPES, ServiceProcess
@@ -282,3 +284,78 @@ def test_lorax_errors(url: str) -> None:
     assert "max_new_tokens" in raw.json()["error"]
     stream = httpx.post(f"{url}/generate_stream", json={"parameters": {}})
     assert stream.status_code == 422 and "inputs" in stream.json()["error"]
+
+
+# -- fuzz: random bodies never give a 500, always the API's error shape, and the engine lives on ---
+
+_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**40), 2**40),
+    st.floats(allow_nan=True),
+    st.text(max_size=8),
+    st.lists(st.text(max_size=4), max_size=3),
+    st.dictionaries(st.text(max_size=6), st.integers(), max_size=2),
+)
+_OPENAI_KEYS = [
+    "model",
+    "prompt",
+    "messages",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "logprobs",
+    "top_logprobs",
+    "stream",
+    "n",
+    "merged_adapters",
+    "stream_options",
+]
+_LORAX_KEYS = [
+    "adapter_id",
+    "adapter_source",
+    "merged_adapters",
+    "max_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "seed",
+    "stop",
+    "details",
+    "return_full_text",
+]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+    body=st.dictionaries(st.sampled_from(_OPENAI_KEYS), _values, max_size=6),
+)
+def test_fuzz_openai_bodies(url: str, path: str, body: dict) -> None:
+    body.setdefault("max_tokens", 2)
+    r = httpx.post(url + path, content=json.dumps(body, allow_nan=True), timeout=120)
+    assert r.status_code < 500 or r.status_code == 503, r.text
+    if r.status_code != 200:
+        assert set(r.json()["error"]) >= {"message", "type", "param"}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    path=st.sampled_from(["/", "/generate", "/generate_stream"]),
+    params=st.dictionaries(st.sampled_from(_LORAX_KEYS), _values, max_size=5),
+)
+def test_fuzz_lorax_bodies(url: str, path: str, params: dict) -> None:
+    params.setdefault("max_new_tokens", 2)
+    r = httpx.post(url + path, json={"inputs": PROMPT, "parameters": params}, timeout=120)
+    assert r.status_code < 500 or r.status_code == 503, r.text
+    if r.status_code != 200:
+        assert set(r.json()) == {"error", "error_type"}
+
+
+def test_engine_serves_after_the_fuzzers(client: openai.OpenAI) -> None:
+    assert (
+        client.completions.create(model="ab-linear", prompt=PROMPT, max_tokens=2).choices[0].text is not None
+    )
