@@ -57,12 +57,16 @@ def _validation_param(e: ValidationError) -> tuple[str, str | None]:
 
 def parse_body(model_class, raw: object):
     """The request as vLLM's protocol model; its validators' errors become 400s naming the field."""
+    from vllm.exceptions import VLLMError
+
     try:
         return model_class.model_validate(raw)
     except ValidationError as e:
         message, param = _validation_param(e)
         raise HttpError(400, message, param) from None
-    except (ValueError, TypeError) as e:  # vLLM's own validators raise VLLMValidationError (a ValueError)
+    except Exception as e:  # vLLM's own model validators raise VLLMValidationError, outside pydantic's
+        if not isinstance(e, ValueError | TypeError | VLLMError):
+            raise
         raise HttpError(400, shown(str(e), 300, quote=False), getattr(e, "parameter", None)) from None
 
 
