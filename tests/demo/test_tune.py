@@ -72,7 +72,7 @@ def test_same_seed_same_study_and_another_seed_differs() -> None:
     c, _ = run_tune(trials=12, seed=8, parallel=3)
     assert history(a) == history(b)
     assert history(a) != history(c)
-    assert obj.batches == [3, 3, 3, 3]  # evaluated concurrently, in batches
+    assert obj.batches == [3, 2, 3, 1, 3]  # concurrently, in batches (the start design's parts apart)
     assert a.trials[0].config.name == "facts:1+upper:1 linear delta"  # the exact sum comes first
     assert a.stopped == "budget" and len(a.trials) == 12
 
@@ -92,12 +92,16 @@ def test_start_design_then_tpe() -> None:
     """The exact sum, each weight ± 0.2 alone, then TPE: here the probe facts 1.2 is the fake's peak
     (as the grid's facts 1.2 + upper 1 is the demo's)."""
     result, _ = run_tune(trials=20, seed=7)
-    assert [t.config.name for t in result.trials[:5]] == [
+    assert [t.config.name for t in result.trials[:9]] == [
         "facts:1+upper:1 linear delta",
         "facts:1.2+upper:1 linear delta",
         "facts:1+upper:1.2 linear delta",
         "facts:0.8+upper:1 linear delta",
         "facts:1+upper:0.8 linear delta",
+        "facts:1.2+upper:1 ties d=0.8 delta",  # then the best weights with each other strategy
+        "facts:1.2+upper:1 dare_linear d=0.8 delta",
+        "facts:1.2+upper:1 dare_ties d=0.8 delta",
+        "facts:1.2+upper:1 magnitude_prune d=0.8 delta",
     ]
     assert result.best is not None and result.best.value == 1.0
     plain, _ = run_tune(trials=20, seed=7, space=SearchSpace(adapters=("facts", "upper"), probe=0))
