@@ -50,6 +50,7 @@ class Plan:
     densities: tuple[float, ...] = (0.5, 0.8)
     limit: int = 0  # prompts per task; 0: all
     seed: int = 7
+    tune_trials: int = 20  # loramerge tune on the mergeable pair; 0: skip
 
 
 PLANS = {
@@ -301,7 +302,7 @@ def run_demo(
     plan = plan or PLANS[variant]
     out = (out_dir or REPO_ROOT / "out" / "demo").resolve()
     out.mkdir(parents=True, exist_ok=True)
-    con = console or Console(6)
+    con = console or Console(7)
 
     con.step(f"Demo assets ({variant}): a tiny Llama and four LoRA adapters, built locally")
     t0 = time.monotonic()
@@ -382,7 +383,41 @@ def _workflow(con: Console, assets: DemoAssets, services: DemoServices, plan: Pl
     con.print()
     for line in table_path.read_text().splitlines():
         con.info(line)
+    _tune(con, assets, services, plan, out)
     return sbs, shlex.join(argv)
+
+
+def tune_argv(suite_path: Path, addr: str, plan: Plan, out: Path) -> list[str]:
+    """``loramerge tune`` on the mergeable pair, for the same goal as the evaluation."""
+    argv = [
+        "loramerge", "tune", str(suite_path), "--adapters", ",".join(MERGEABLE_PAIR),
+        "--goal", "min:" + ",".join(MERGEABLE_PAIR), "--trials", str(plan.tune_trials),
+        "--seed", str(plan.seed), "--concurrency", "16", "--timeout", "600", "--inference-addr", addr,
+        "--study", str(out / "tune" / "study.db"), "--recipe", str(out / "recipes.yaml"),
+        "--recipe-name", "-".join(MERGEABLE_PAIR), "--out", str(out / "tune"),
+    ]  # fmt: skip
+    if plan.limit:
+        argv += ["--limit", str(plan.limit)]
+    return argv
+
+
+def _tune(con: Console, assets: DemoAssets, services: DemoServices, plan: Plan, out: Path) -> None:
+    con.step(f"Tune: an optuna TPE search over the mergeable pair, {plan.tune_trials} trials at most")
+    if not plan.tune_trials:
+        con.info("skipped")
+        return
+    (out / "tune").mkdir(parents=True, exist_ok=True)
+    (out / "tune" / "study.db").unlink(missing_ok=True)  # a fresh study each run
+    argv = tune_argv(assets.suite_path, services.inference.address, plan, out)
+    con.info("$ " + shlex.join(argv))
+    proc = subprocess.run(
+        [sys.executable, "-m", "loramerge_client", *argv[1:]],
+        capture_output=True, text=True, cwd=REPO_ROOT,
+    )  # fmt: skip
+    for line in (proc.stderr + proc.stdout).splitlines():
+        con.info(line)
+    if proc.returncode != 0:
+        raise RuntimeError(f"loramerge tune exited with {proc.returncode}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

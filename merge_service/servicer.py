@@ -19,6 +19,7 @@ from loramerge.v1 import merge_pb2, merge_pb2_grpc
 from loramerge_common.errors import FailedPrecondition, InvalidArgument, LoramergeError, shown
 from loramerge_common.metrics import RpcMetrics
 from loramerge_common.rpc import rpc_method
+from merge_service import interference
 from merge_service.adapter import read_config
 from merge_service.cache import CacheEntry, MergeCache, check_key
 from merge_service.chunks import encode_data_chunk
@@ -164,6 +165,9 @@ class MergeServicer(merge_pb2_grpc.MergeServiceServicer):
     ) -> merge_pb2.PlanResponse:
         plan = await self._plan(request)
         configs = await asyncio.to_thread(lambda: [read_config(s.path, s.id) for s in plan.sources])
+        report = None
+        if request.interference:
+            report = interference.to_proto(await asyncio.to_thread(interference.plan_interference, plan))
         return merge_pb2.PlanResponse(
             merge_key=plan.merge_key,
             rank=plan.rank,
@@ -175,6 +179,7 @@ class MergeServicer(merge_pb2_grpc.MergeServiceServicer):
             ],
             base_model=plan.base_model,
             effective_spec=spec_to_proto(plan.spec),
+            interference=report,
         )
 
     @rpc_method

@@ -135,8 +135,11 @@ class AsyncMergeClient(_AsyncClient):
         finally:
             call.cancel()
 
-    async def plan(self, spec: SpecLike, *, timeout: float | None = None) -> merge_pb2.PlanResponse:
-        return await self._unary(self.stub.Plan, merge_pb2.MergeRequest(spec=to_merge_spec(spec)), timeout)
+    async def plan(
+        self, spec: SpecLike, *, interference: bool = False, timeout: float | None = None
+    ) -> merge_pb2.PlanResponse:
+        request = merge_pb2.MergeRequest(spec=to_merge_spec(spec), interference=interference)
+        return await self._unary(self.stub.Plan, request, timeout)
 
     async def list_cached(self, *, timeout: float | None = None) -> merge_pb2.ListCachedResponse:
         return await self._unary(self.stub.ListCached, merge_pb2.ListCachedRequest(), timeout)

@@ -16,7 +16,7 @@ from loramerge_client.commands.output import report_error
 from loramerge_common.errors import LoramergeError
 
 # Order shown in --help. A module not present in this installation is skipped.
-COMMANDS = ("generate", "merge", "plan", "inspect", "fetch", "health", "cache", "adapters", "eval")
+COMMANDS = ("generate", "merge", "plan", "inspect", "fetch", "health", "cache", "adapters", "eval", "tune")
 
 EPILOG = """exit status: 0 ok, 2 bad input (usage, INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION,
 RESOURCE_EXHAUSTED, PERMISSION_DENIED, UNAUTHENTICATED), 3 unavailable or deadline exceeded, 1 other.

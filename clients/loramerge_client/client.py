@@ -151,9 +151,13 @@ class MergeClient(_Client):
         finally:
             call.cancel()
 
-    def plan(self, spec: SpecLike, *, timeout: float | None = None) -> merge_pb2.PlanResponse:
-        """What ``merge`` would produce (merge key, rank, size, resolved adapters, cached or not)."""
-        return self._unary(self.stub.Plan, merge_pb2.MergeRequest(spec=to_merge_spec(spec)), timeout)
+    def plan(
+        self, spec: SpecLike, *, interference: bool = False, timeout: float | None = None
+    ) -> merge_pb2.PlanResponse:
+        """What ``merge`` would produce (merge key, rank, size, resolved adapters, cached or not);
+        ``interference`` also asks how the adapters interfere (PlanResponse.interference)."""
+        request = merge_pb2.MergeRequest(spec=to_merge_spec(spec), interference=interference)
+        return self._unary(self.stub.Plan, request, timeout)
 
     def list_cached(self, *, timeout: float | None = None) -> merge_pb2.ListCachedResponse:
         return self._unary(self.stub.ListCached, merge_pb2.ListCachedRequest(), timeout)

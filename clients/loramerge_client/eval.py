@@ -428,6 +428,37 @@ def rank(rows: Sequence[Row], goal: Goal) -> list[tuple[Row, float]]:
     return sorted(scored, key=lambda rv: (-rv[1], -rv[0].mean(all_tasks)))
 
 
+def single_scores(rows: Sequence[Row], suite: Suite) -> dict[str, float]:
+    """Each adapter-owned task's score under its own adapter alone (the single configuration)."""
+    out: dict[str, float] = {}
+    singles = [r for r in rows if r.config.kind == "single" and not r.error]
+    for task in suite.tasks:
+        own = [r for r in singles if r.config.params.get("adapters") == [task.adapter]]
+        own = [r for r in own if task.name in r.scores]
+        if task.adapter and own:
+            out[task.name] = own[0].scores[task.name]
+    return out
+
+
+def retention(scores: dict[str, float], own: dict[str, float]) -> dict[str, float]:
+    """retention_t = merged score_t ÷ score_t of t's adapter alone, for tasks with a positive own score."""
+    return {t: round(scores[t] / own[t], 4) for t in scores if own.get(t, 0.0) > 0}
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point dominates (maximising both coordinates): p is dominated
+    when some q has q_x ≥ p_x and q_y ≥ p_y with at least one strict. NaN points are never on it."""
+    ok = [i for i, (x, y) in enumerate(points) if not (math.isnan(x) or math.isnan(y))]
+    front = []
+    for i in ok:
+        xi, yi = points[i]
+        if not any(
+            points[j][0] >= xi and points[j][1] >= yi and (points[j][0] > xi or points[j][1] > yi) for j in ok
+        ):
+            front.append(i)
+    return front
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -437,9 +468,32 @@ class Report:
     rows: list[Row]
     goal: Goal
     ranking: list[tuple[Row, float]] = field(init=False)
+    own: dict[str, float] = field(init=False)  # each adapter-owned task's single-adapter score
 
     def __post_init__(self) -> None:
         self.ranking = rank(self.rows, self.goal)
+        self.own = single_scores(self.rows, self.suite)
+
+    def retention(self, row: Row) -> dict[str, float]:
+        """Merged rows only: score ÷ the adapter's own single score, per task (see ``retention``)."""
+        return retention(row.scores, self.own) if row.config.kind == "merged" and not row.error else {}
+
+    @property
+    def retention_tasks(self) -> list[str]:
+        """Tasks with a retention column: those whose adapter alone scored above 0."""
+        return [t for t in self.suite.task_names if self.own.get(t, 0.0) > 0]
+
+    def pareto_tasks(self, tasks: Sequence[str] | None = None) -> tuple[str, str] | None:
+        """The two tasks of the Pareto plot: ``tasks`` if given, else the goal's first two (or none)."""
+        chosen = list(tasks) if tasks else list(self.goal.tasks[:2])
+        if len(chosen) != 2:
+            return None
+        unknown = [t for t in chosen if t not in self.suite.task_names]
+        if unknown:
+            raise InvalidArgument(
+                f"pareto tasks not in the suite: {unknown} (tasks: {self.suite.task_names})", field="pareto"
+            )
+        return chosen[0], chosen[1]
 
     @property
     def best(self) -> Row | None:
@@ -478,6 +532,7 @@ class Report:
                     "scores": r.scores,
                     "mean": None if r.error else round(r.mean(tasks), 4),
                     "goal_value": None if math.isnan(self.goal.value(r)) else round(self.goal.value(r), 4),
+                    "retention": self.retention(r),
                     "error": r.error or None,
                     "adapter": r.usage,
                     "seconds": r.seconds,
@@ -496,15 +551,20 @@ class Report:
         }
 
     def _cells(self, r: Row) -> list[str]:
+        kept_tasks = self.retention_tasks
         if r.error:
-            return ["error"] * len(self.suite.tasks) + ["", r.error]
+            return ["error"] * len(self.suite.tasks) + [""] * (1 + len(kept_tasks)) + [r.error]
         goal = self.goal.value(r)
         cells = [f"{r.scores[t]:.2f}" if t in r.scores else "-" for t in self.suite.task_names]
+        kept = self.retention(r)
+        kept_cells = [f"{kept[t]:.0%}" if t in kept else "" for t in kept_tasks]
         note = f"rank {r.usage['rank']}" if r.usage.get("rank") else ""
-        return [*cells, "" if r.config.kind != "merged" or math.isnan(goal) else f"{goal:.2f}", note]
+        goal_cell = "" if r.config.kind != "merged" or math.isnan(goal) else f"{goal:.2f}"
+        return [*cells, goal_cell, *kept_cells, note]
 
     def to_markdown(self) -> str:
-        head = ["configuration", *self.suite.task_names, f"goal ({self.goal.kind})", "note"]
+        kept = [f"{t} kept" for t in self.retention_tasks]
+        head = ["configuration", *self.suite.task_names, f"goal ({self.goal.kind})", *kept, "note"]
         lines = [
             f"### {self.suite.name}: per-task scores",
             "",
@@ -515,11 +575,18 @@ class Report:
         for r in self.rows:
             name = f"**{r.config.name}**" if r is best else r.config.name
             lines.append("| " + " | ".join([name, *self._cells(r)]) + " |")
-        lines += ["", f"Goal: {self.goal.describe()}. {self.recommendation()}", ""]
+        lines += [
+            "",
+            f"Goal: {self.goal.describe()}. {self.recommendation()}",
+            "",
+            "\"kept\" is retention: the merged score ÷ the task's adapter's own score alone.",
+            "",
+        ]
         return "\n".join(lines)
 
     def to_terminal(self) -> str:
-        head = ["configuration", *self.suite.task_names, f"goal:{self.goal.kind}", ""]
+        kept = [f"{t}:kept" for t in self.retention_tasks]
+        head = ["configuration", *self.suite.task_names, f"goal:{self.goal.kind}", *kept, ""]
         body = [[("* " if r is self.best else "  ") + r.config.name, *self._cells(r)] for r in self.rows]
         widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
 
@@ -532,15 +599,23 @@ class Report:
         lines = [fmt(head), "  ".join("-" * w for w in widths[:-1]), *map(fmt, body)]
         return "\n".join([*lines, "", f"goal: {self.goal.describe()}", self.recommendation()])
 
-    def write(self, out_dir: str | Path, *, chart: bool = True) -> dict[str, Path]:
+    def write(
+        self, out_dir: str | Path, *, chart: bool = True, pareto: Sequence[str] | None = None
+    ) -> dict[str, Path]:
+        """report.json, report.md and, with ``chart``, the heat map chart.png and (when two tasks are
+        chosen or the goal has two) the Pareto scatter pareto.png."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        pair = self.pareto_tasks(pareto)
         paths = {"json": out / "report.json", "markdown": out / "report.md"}
         paths["json"].write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         paths["markdown"].write_text(self.to_markdown())
         if chart:
             paths["chart"] = out / "chart.png"
             plot(self, paths["chart"])
+            if pair:
+                paths["pareto"] = out / "pareto.png"
+                plot_pareto(self, paths["pareto"], pair)
         return paths
 
 
@@ -574,6 +649,51 @@ def plot(report: Report, path: str | Path) -> None:
             ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if dark else "black")
     fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label="score")
     ax.set_title(f"{report.suite.name}: {report.goal.describe()}", fontsize=9, pad=28)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_pareto(report: Report, path: str | Path, tasks: tuple[str, str]) -> None:
+    """A scatter of the configurations' scores on two tasks (each configuration a point), the Pareto
+    front of the merged ones highlighted and joined, the base and single adapters as references."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tx, ty = tasks
+    rows = [r for r in report.rows if not r.error and tx in r.scores and ty in r.scores]
+    merged = [r for r in rows if r.config.kind == "merged"]
+    points = [(r.scores[tx], r.scores[ty]) for r in merged]
+    front = set(pareto_front(points))
+    fig, ax = plt.subplots(figsize=(6.4, 5.4), dpi=110)
+    others = [p for i, p in enumerate(points) if i not in front]
+    if others:
+        ax.scatter(*zip(*others, strict=True), s=36, c="#8fa8c8", alpha=0.7, label="merged configuration")
+    on = sorted((points[i], merged[i]) for i in front)
+    if on:
+        xs, ys = zip(*(p for p, _ in on), strict=True)
+        ax.plot(xs, ys, "-", color="#d62728", lw=1.2, zorder=2)
+        ax.scatter(xs, ys, s=70, c="#d62728", edgecolors="black", zorder=3, label="Pareto front")
+        for (x, y), r in on:
+            ax.annotate(r.config.name, (x, y), fontsize=6, xytext=(4, 4), textcoords="offset points")
+    for r in rows:
+        if r.config.kind != "merged":
+            ax.scatter(r.scores[tx], r.scores[ty], marker="s", s=40, c="#444444", zorder=2)
+            ax.annotate(r.config.name, (r.scores[tx], r.scores[ty]), fontsize=7, xytext=(4, -10),
+                        textcoords="offset points", color="#444444")  # fmt: skip
+    best = report.best
+    if best is not None and tx in best.scores and ty in best.scores:
+        ax.scatter(best.scores[tx], best.scores[ty], marker="*", s=260, c="gold", edgecolors="black",
+                   zorder=4, label=f"recommended: {best.config.name}")  # fmt: skip
+    ax.set_xlim(-0.05, 1.08)
+    ax.set_ylim(-0.05, 1.08)
+    ax.set_xlabel(f"{tx} score")
+    ax.set_ylabel(f"{ty} score")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title(f"{report.suite.name}: {tx} vs {ty} ({len(merged)} merged configurations)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -62,3 +62,16 @@ def test_real_bad_input_exit_codes(real_merge: MergeServiceProc, capsys) -> None
     assert code == 2 and "NOT_FOUND" in err
     code, _, err = run(capsys, "plan", "-a", "a", "-a", "d", *addr)
     assert code == 2 and "FAILED_PRECONDITION" in err
+
+
+def test_plan_interference_table_and_json(real_merge: MergeServiceProc, capsys) -> None:
+    addr = ["--merge-addr", real_merge.address]
+    spec = ["-a", "a", "-a", "b", "-a", "a:-1"]
+    code, out, _ = run(capsys, "plan", *spec, "--interference", "--modules", *addr)
+    assert code == 0 and "interference (top sets at density 0.2" in out
+    assert "a / b" in out and "(all)" in out and "q_proj" in out
+    assert "a / a" in out and "-1.000" in out and "100.0%" in out  # an adapter against its negation
+    code, out, _ = run(capsys, "plan", *spec, "--interference", "--json", *addr)
+    rep = json.loads(out)["interference"]
+    assert code == 0 and [(p.get("first", 0), p["second"]) for p in rep["pairs"]] == [(0, 1), (0, 2), (1, 2)]
+    assert rep["pairs"][1]["overall"]["cosine"] == pytest.approx(-1.0)

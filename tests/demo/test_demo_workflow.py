@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def demo_run(demo_small: DemoAssets, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("demo")
     stream = io.StringIO()
-    result = run_demo("small", out, plan=PLANS["small"], console=Console(6, stream))
+    result = run_demo("small", out, plan=PLANS["small"], console=Console(7, stream))
     return result, stream.getvalue()
 
 
@@ -77,8 +77,19 @@ def test_report_files_and_chart(demo_run, chart_check) -> None:
     rows = len(json.loads(result.paths["json"].read_text())["rows"])
     chart_check(result.paths["chart"], rows)
     assert f"Report: {result.paths['demo']}" in output and f"Chart:  {result.paths['chart']}" in output
-    for step in ("[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]"):
+    for step in ("[1/7]", "[2/7]", "[3/7]", "[4/7]", "[5/7]", "[6/7]", "[7/7]"):
         assert step in output
+
+
+@pytest.mark.xfail(
+    reason="on the small demo tune reached 0.80 against the grid's 0.85 (see test_tune_live.py)"
+)
+def test_tune_reaches_the_grids_best(demo_run) -> None:
+    result, _ = demo_run
+    grid_best = json.loads(result.paths["json"].read_text())["recommendation"]["goal_value"]
+    tuned = json.loads((result.out_dir / "tune" / "tune.json").read_text())
+    assert len(tuned["trials"]) <= 20 and tuned["best"]["goal_value"] >= grid_best, (tuned["best"], grid_best)
+    assert "facts-upper" in (result.out_dir / "recipes.yaml").read_text()
 
 
 def test_nothing_left_running(demo_run) -> None:

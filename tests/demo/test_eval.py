@@ -161,3 +161,43 @@ def test_cli_reports_bad_suite_with_exit_status_2(tmp_path: Path, capsys: pytest
     path.write_text(json.dumps({"tasks": [{"name": "t", "scorer": "bleu", "prompts": [{"prompt": "p"}]}]}))
     assert cli_main(["eval", str(path), "--inference-addr", "127.0.0.1:1"]) == 2
     assert "suite.tasks[0].scorer must be one of" in capsys.readouterr().err
+
+
+def test_pareto_front_maximises_both() -> None:
+    from loramerge_client.eval import pareto_front
+
+    pts = [(1.0, 0.0), (0.5, 0.5), (0.4, 0.4), (0.0, 1.0), (0.5, 0.5), (float("nan"), 1.0), (0.9, 0.2)]
+    assert pareto_front(pts) == [0, 1, 3, 4, 6]  # (0.4, 0.4) is dominated; ties stay; NaN never
+    assert pareto_front([]) == []
+
+
+def test_retention_beside_scores_and_pareto_chart(tmp_path: Path, chart_check) -> None:
+    from loramerge_client.eval import retention
+
+    assert retention({"a": 0.5, "b": 0.2, "c": 1.0}, {"a": 0.8, "b": 0.0}) == {"a": 0.625}
+    suite = parse_suite(SUITE)
+    configs = baseline_configs(suite) + grid(["u", "h"], strategies=["linear", "ties"], weights=[(1, 1)])
+    rows = asyncio.run(evaluate(FakeClient(), suite, configs))
+    report = Report(suite, rows, parse_goal("min:up,hi", suite))
+    assert report.own == {"up": 1.0, "hi": 1.0}
+    by = {r.config.name: r for r in rows}
+    assert report.retention(by["u:1+h:1 linear delta"]) == {"up": 1.0, "hi": 0.0}
+    assert report.retention(by["u"]) == {}  # singles and the base have no retention
+    assert "up:kept" in report.to_terminal() and "100%" in report.to_terminal()
+    paths = report.write(tmp_path / "out")
+    md = paths["markdown"].read_text()
+    assert "| goal (min) | up kept | hi kept |" in md
+    assert "| u:1+h:1 linear delta | 1.00 | 0.00 | 0.00 | 100% | 0% |" in md
+    data = json.loads(paths["json"].read_text())
+    assert data["rows"][-1]["retention"] == {"up": 1.0, "hi": 1.0}
+    chart_check(paths["pareto"], 0)
+    with pytest.raises(InvalidArgument, match=r"pareto tasks not in the suite: \['nope'\]"):
+        report.write(tmp_path / "x", pareto=["up", "nope"])
+
+
+def test_cli_bad_pareto_tasks_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(SUITE))
+    argv = ["eval", str(path), "--pareto", "up,zzz", "--inference-addr", "127.0.0.1:1"]
+    assert cli_main(argv) == 2
+    assert "pareto tasks not in the suite: ['zzz']" in capsys.readouterr().err

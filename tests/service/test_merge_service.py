@@ -456,3 +456,24 @@ def test_byte_limits_per_adapter_and_per_request(adapter_root: Path, tmp_path: P
             )
             assert (code, fields) == (grpc.StatusCode.RESOURCE_EXHAUSTED, [field]), details
             assert words in details
+
+
+def test_plan_reports_interference_matching_dense_deltas(served, adapter_root: Path) -> None:
+    """Plan(interference=true) over real adapter files: the overall cosine equals the dense one."""
+    import torch
+
+    from tests.factories import lora_delta
+
+    _, _, stub = served
+    plain = stub.Plan(P.MergeRequest(spec=spec_msg(("a", 1.0), ("b", -0.5))), timeout=60)
+    assert not plain.HasField("interference")
+    resp = stub.Plan(P.MergeRequest(spec=spec_msg(("a", 1.0), ("b", -0.5)), interference=True), timeout=60)
+    rep = resp.interference
+    (pair,) = rep.pairs
+    modules = [m.module for m in pair.modules]
+    da = torch.cat([lora_delta(adapter_root / "a", m).flatten() for m in modules]).double()
+    db = -0.5 * torch.cat([lora_delta(adapter_root / "b", m).flatten() for m in modules]).double()
+    assert pair.overall.cosine == pytest.approx(float(da @ db / (da.norm() * db.norm())), rel=1e-4, abs=1e-6)
+    assert list(rep.adapter_norms) == pytest.approx([float(da.norm()), float(db.norm())], rel=1e-4)
+    assert rep.density == pytest.approx(0.2) and 0 <= pair.overall.sign_conflict <= 1
+    assert resp.merge_key == plain.merge_key

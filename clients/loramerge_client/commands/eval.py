@@ -70,7 +70,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     r.add_argument("--concurrency", type=int, default=8, help="requests in flight [%(default)s]")
     r.add_argument("--parallel-configs", type=int, default=2, help="configurations in flight [%(default)s]")
     r.add_argument("--out", metavar="DIR", help="write report.json, report.md and chart.png here")
-    r.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
+    r.add_argument("--no-chart", action="store_true", help="skip the PNG charts")
+    r.add_argument(
+        "--pareto", metavar="TASK_X,TASK_Y",
+        help="the two tasks of the Pareto scatter pareto.png [the goal's first two tasks]",
+    )  # fmt: skip
     r.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     add_json_option(p)
     add_connection_options(p, merge=False, inference=True)
@@ -113,6 +117,11 @@ def run(args: argparse.Namespace) -> int:
             "nothing to evaluate: give --grid or --configs, or keep the baselines", field="--grid"
         )
     goal = parse_goal(args.goal, suite, configs)
+    pareto = [t.strip() for t in args.pareto.split(",") if t.strip()] if args.pareto else None
+    if pareto is not None:
+        Report(suite, [], goal).pareto_tasks(pareto)  # check before anything runs
+        if len(pareto) != 2:
+            raise InvalidArgument(f"--pareto takes two tasks, got {args.pareto!r}", field="--pareto")
 
     def progress(done: int, total: int, row: Row) -> None:
         if args.quiet:
@@ -141,6 +150,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(report.to_terminal())
     if args.out:
-        paths = report.write(args.out, chart=not args.no_chart)
+        paths = report.write(args.out, chart=not args.no_chart, pareto=pareto)
         print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
     return EXIT_OTHER if any(r.error for r in rows) else EXIT_OK

@@ -101,14 +101,16 @@ class MergeSpec(_message.Message):
     def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterRef, _Mapping]]] = ..., merge_strategy: _Optional[_Union[MergeStrategy, str]] = ..., density: _Optional[float] = ..., majority_sign_method: _Optional[_Union[MajoritySignMethod, str]] = ..., seed: _Optional[int] = ..., space: _Optional[_Union[MergeSpace, str]] = ..., target_rank: _Optional[int] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., max_rank: _Optional[int] = ..., ids: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class MergeRequest(_message.Message):
-    __slots__ = ("spec", "resume_offset", "expected_merge_key")
+    __slots__ = ("spec", "resume_offset", "expected_merge_key", "interference")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     RESUME_OFFSET_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_MERGE_KEY_FIELD_NUMBER: _ClassVar[int]
+    INTERFERENCE_FIELD_NUMBER: _ClassVar[int]
     spec: MergeSpec
     resume_offset: int
     expected_merge_key: str
-    def __init__(self, spec: _Optional[_Union[MergeSpec, _Mapping]] = ..., resume_offset: _Optional[int] = ..., expected_merge_key: _Optional[str] = ...) -> None: ...
+    interference: bool
+    def __init__(self, spec: _Optional[_Union[MergeSpec, _Mapping]] = ..., resume_offset: _Optional[int] = ..., expected_merge_key: _Optional[str] = ..., interference: _Optional[bool] = ...) -> None: ...
 
 class ModuleStats(_message.Message):
     __slots__ = ("name", "rank", "relative_error")
@@ -209,7 +211,7 @@ class ResolvedAdapter(_message.Message):
     def __init__(self, id: _Optional[str] = ..., source: _Optional[_Union[AdapterSource, str]] = ..., revision: _Optional[str] = ..., digest: _Optional[str] = ..., weight: _Optional[float] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., use_rslora: _Optional[bool] = ..., base_model: _Optional[str] = ..., target_modules: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PlanResponse(_message.Message):
-    __slots__ = ("merge_key", "rank", "estimated_bytes", "cached", "adapters", "base_model", "effective_spec")
+    __slots__ = ("merge_key", "rank", "estimated_bytes", "cached", "adapters", "base_model", "effective_spec", "interference")
     MERGE_KEY_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +219,7 @@ class PlanResponse(_message.Message):
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     EFFECTIVE_SPEC_FIELD_NUMBER: _ClassVar[int]
+    INTERFERENCE_FIELD_NUMBER: _ClassVar[int]
     merge_key: str
     rank: int
     estimated_bytes: int
@@ -224,7 +227,48 @@ class PlanResponse(_message.Message):
     adapters: _containers.RepeatedCompositeFieldContainer[ResolvedAdapter]
     base_model: str
     effective_spec: MergeSpec
-    def __init__(self, merge_key: _Optional[str] = ..., rank: _Optional[int] = ..., estimated_bytes: _Optional[int] = ..., cached: _Optional[bool] = ..., adapters: _Optional[_Iterable[_Union[ResolvedAdapter, _Mapping]]] = ..., base_model: _Optional[str] = ..., effective_spec: _Optional[_Union[MergeSpec, _Mapping]] = ...) -> None: ...
+    interference: InterferenceReport
+    def __init__(self, merge_key: _Optional[str] = ..., rank: _Optional[int] = ..., estimated_bytes: _Optional[int] = ..., cached: _Optional[bool] = ..., adapters: _Optional[_Iterable[_Union[ResolvedAdapter, _Mapping]]] = ..., base_model: _Optional[str] = ..., effective_spec: _Optional[_Union[MergeSpec, _Mapping]] = ..., interference: _Optional[_Union[InterferenceReport, _Mapping]] = ...) -> None: ...
+
+class InterferenceStats(_message.Message):
+    __slots__ = ("module", "cosine", "norm_ratio", "sign_conflict", "top_overlap")
+    MODULE_FIELD_NUMBER: _ClassVar[int]
+    COSINE_FIELD_NUMBER: _ClassVar[int]
+    NORM_RATIO_FIELD_NUMBER: _ClassVar[int]
+    SIGN_CONFLICT_FIELD_NUMBER: _ClassVar[int]
+    TOP_OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    module: str
+    cosine: float
+    norm_ratio: float
+    sign_conflict: float
+    top_overlap: float
+    def __init__(self, module: _Optional[str] = ..., cosine: _Optional[float] = ..., norm_ratio: _Optional[float] = ..., sign_conflict: _Optional[float] = ..., top_overlap: _Optional[float] = ...) -> None: ...
+
+class InterferencePair(_message.Message):
+    __slots__ = ("first", "second", "overall", "modules")
+    FIRST_FIELD_NUMBER: _ClassVar[int]
+    SECOND_FIELD_NUMBER: _ClassVar[int]
+    OVERALL_FIELD_NUMBER: _ClassVar[int]
+    MODULES_FIELD_NUMBER: _ClassVar[int]
+    first: int
+    second: int
+    overall: InterferenceStats
+    modules: _containers.RepeatedCompositeFieldContainer[InterferenceStats]
+    def __init__(self, first: _Optional[int] = ..., second: _Optional[int] = ..., overall: _Optional[_Union[InterferenceStats, _Mapping]] = ..., modules: _Optional[_Iterable[_Union[InterferenceStats, _Mapping]]] = ...) -> None: ...
+
+class InterferenceReport(_message.Message):
+    __slots__ = ("pairs", "adapter_norms", "density", "max_sampled_entries", "seconds")
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_NORMS_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    MAX_SAMPLED_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    pairs: _containers.RepeatedCompositeFieldContainer[InterferencePair]
+    adapter_norms: _containers.RepeatedScalarFieldContainer[float]
+    density: float
+    max_sampled_entries: int
+    seconds: float
+    def __init__(self, pairs: _Optional[_Iterable[_Union[InterferencePair, _Mapping]]] = ..., adapter_norms: _Optional[_Iterable[float]] = ..., density: _Optional[float] = ..., max_sampled_entries: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class ListCachedRequest(_message.Message):
     __slots__ = ()
