@@ -339,6 +339,18 @@ def run_demo(
     return DemoResult(out, report, paths, summary, pids)
 
 
+def openai_recipe_line(services: DemoServices, suite) -> str:
+    """One call through the official OpenAI SDK, naming the served recipe as the model."""
+    from openai import OpenAI
+
+    case = suite.tasks[0].cases[0]
+    sdk = OpenAI(base_url=f"{services.inference.http_url}/v1", api_key="demo", max_retries=0, timeout=600)
+    answer = sdk.completions.create(
+        model="facts-upper", prompt=case.prompt, max_tokens=suite.sampling.max_tokens or 16, temperature=0
+    )
+    return f"OpenAI SDK, model='facts-upper' (a recipe): {case.prompt!r} -> {answer.choices[0].text!r}"
+
+
 def _workflow(con: Console, assets: DemoAssets, services: DemoServices, plan: Plan, out: Path):
     suite = load_suite(assets.suite_path, limit=plan.limit)
 
@@ -355,6 +367,7 @@ def _workflow(con: Console, assets: DemoAssets, services: DemoServices, plan: Pl
     sbs = asyncio.run(side())
     for line in sbs:
         con.info(line)
+    con.info(openai_recipe_line(services, suite))
 
     configs_path = out / "conflicting-configs.json"
     configs_path.write_text(json.dumps([c.params for c in conflicting_configs(plan)], indent=2) + "\n")

@@ -48,6 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--inference-listen", default="127.0.0.1:50051", help="inference service host:port [%(default)s]"
     )
+    ap.add_argument(
+        "--http-listen", default="127.0.0.1:8000", help="inference OpenAI/LoRAX HTTP host:port [%(default)s]"
+    )
     ap.add_argument("--merge-metrics-port", type=int, default=9461, help="0 turns /metrics off [%(default)s]")
     ap.add_argument("--inference-metrics-port", type=int, default=9451, help="[%(default)s]")
     ap.add_argument("--work-dir", type=Path, default=REPO_ROOT / "out" / "serve", help="logs [%(default)s]")
@@ -69,11 +72,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=say,
             merge_listen=args.merge_listen,
             inference_listen=args.inference_listen,
+            http_listen=args.http_listen,
             merge_metrics_port=args.merge_metrics_port,
             inference_metrics_port=args.inference_metrics_port,
         ) as services:
             for line in usage_lines(services.merge.address, services.inference.address, assets.suite_path):
                 say(line)
+            say(
+                f"OpenAI/LoRAX HTTP: {services.inference.http_url} (recipe 'facts-upper' is served as a model)"
+            )
             while status == 0:
                 time.sleep(1.0)
                 for svc in services.services:

@@ -36,6 +36,7 @@ class Service:
     log_path: Path
     ready_file: Path | None  # None: readiness is the JSON log line "server started"
     address: str = ""
+    http_url: str = ""  # the inference service's OpenAI/LoRAX HTTP API, once ready
     proc: subprocess.Popen | None = None
 
     def start(self, env: dict[str, str]) -> None:
@@ -59,6 +60,8 @@ class Service:
         if info is None:
             return False
         self.address = f"127.0.0.1:{info['port']}"
+        if info.get("http_port"):
+            self.http_url = f"http://127.0.0.1:{info['http_port']}"
         return True
 
     def _ready_info(self) -> dict | None:
@@ -93,6 +96,15 @@ class Service:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
+# Served by name on every API: the merge the demo's grid finds keeps both skills.
+DEMO_RECIPES = {
+    "facts-upper": {
+        "adapters": [{"id": "facts", "weight": 1.2}, {"id": "upper", "weight": 1.0}],
+        "merge_strategy": "LINEAR",
+    }
+}
+
+
 @dataclass
 class DemoServices:
     """Both services on ``assets``; addresses are known once ``start`` returns."""
@@ -101,6 +113,7 @@ class DemoServices:
     work_dir: Path
     merge_listen: str = "127.0.0.1:0"
     inference_listen: str = "127.0.0.1:0"
+    http_listen: str = "127.0.0.1:0"
     merge_metrics_port: int = 0
     inference_metrics_port: int = 0
     services: list[Service] = field(default_factory=list)
@@ -153,6 +166,8 @@ class DemoServices:
                 "--model", str(self.assets.base_dir),
                 "--served-model-name", BASE_MODEL_NAME,
                 "--listen", self.inference_listen,
+                "--http-listen", self.http_listen,
+                "--recipes", str(self._write_recipes()),
                 "--metrics-port", str(self.inference_metrics_port), "--metrics-host", "127.0.0.1",
                 "--merge-service", merge.address,
                 "--adapter-dir", str(self.adapter_dir),
@@ -171,6 +186,11 @@ class DemoServices:
         self.services.append(inference)
         inference.start(env)
         self._wait([inference], ENGINE_START_TIMEOUT_S, progress)
+
+    def _write_recipes(self) -> Path:
+        path = self.work_dir / "recipes.json"
+        path.write_text(json.dumps(DEMO_RECIPES, indent=2) + "\n")
+        return path
 
     def _wait(self, services: list[Service], timeout: float, progress: Callable[[str], None]) -> None:
         deadline = time.monotonic() + timeout
