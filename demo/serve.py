@@ -78,9 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ) as services:
             for line in usage_lines(services.merge.address, services.inference.address, assets.suite_path):
                 say(line)
-            say(
-                f"OpenAI/LoRAX HTTP: {services.inference.http_url} (recipe 'facts-upper' is served as a model)"
-            )
+            say(f"OpenAI/LoRAX HTTP: {services.inference.http_url} (recipe facts-upper served as a model)")
             while status == 0:
                 time.sleep(1.0)
                 for svc in services.services:
