@@ -105,7 +105,11 @@ if AVAILABLE:
                 row = d[i, r]
                 if prune == 1:
                     th = thresholds[i]
-                    if ties_left[i] > 0:
+                    hits = 0
+                    if ties_left[i] > 0:  # the tie quota is spent in row-major order: find rows holding one
+                        for c in range(cols):
+                            hits += abs(row[c]) == th
+                    if hits > 0:
                         for c in range(cols):
                             a = abs(row[c])
                             if a == th and ties_left[i] > 0:
