@@ -181,7 +181,7 @@ def _spec(strategy: str, target: int) -> Any:
     kw: dict[str, Any] = {}
     if strategy != "linear":
         kw["density"] = DENSITY
-    if strategy == "dare_ties":
+    if strategy.startswith("dare"):
         kw["seed"] = 7
     return MergeSpec(
         adapters=tuple(AdapterRef(n, weight=w) for n, w in zip(NAMES, WEIGHTS, strict=True)),
@@ -228,7 +228,7 @@ def module_errors(plan: Any, built: Any, device: str, modules: list[str]) -> lis
         approx = out[name_b].double() @ out[name_a].double()
         norm = float(merged.norm())
         ours = float((merged - approx).norm()) / norm if norm > 0 else 0.0
-        s = torch.linalg.svdvals(merged)
+        s = torch.linalg.svdvals(merged.to(device))
         found.append((ours, relative_tail(s, plan.rank)))
     return found
 
@@ -254,7 +254,7 @@ def child(args: argparse.Namespace) -> None:
     }
     if args.errors:
         layers, shapes = args.layers, TINY if args.tiny else LLAMA3_8B
-        result["errors"] = module_errors(plan, built, "cpu", sampled_modules(layers, shapes))
+        result["errors"] = module_errors(plan, built, args.device, sampled_modules(layers, shapes))
     print("RESULT " + json.dumps(result), flush=True)
 
 
