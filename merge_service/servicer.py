@@ -164,17 +164,19 @@ class MergeServicer(merge_pb2_grpc.MergeServiceServicer):
     ) -> merge_pb2.PlanResponse:
         plan = await self._plan(request)
         configs = await asyncio.to_thread(lambda: [read_config(s.path, s.id) for s in plan.sources])
+        cached = self.cache.contains(plan.merge_key)
         return merge_pb2.PlanResponse(
             merge_key=plan.merge_key,
             rank=plan.rank,
             estimated_bytes=plan.estimated_bytes,
-            cached=self.cache.contains(plan.merge_key),
+            cached=cached,
             adapters=[
                 resolved_adapter(src, ref.weight, cfg)
                 for src, ref, cfg in zip(plan.sources, plan.spec.adapters, configs, strict=True)
             ],
             base_model=plan.base_model,
             effective_spec=spec_to_proto(plan.spec),
+            estimated_build_seconds=0.0 if cached else self.merger.estimate_seconds(plan),
         )
 
     @rpc_method
