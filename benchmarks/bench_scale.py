@@ -228,7 +228,7 @@ def module_errors(plan: Any, built: Any, device: str, modules: list[str]) -> lis
         approx = out[name_b].double() @ out[name_a].double()
         norm = float(merged.norm())
         ours = float((merged - approx).norm()) / norm if norm > 0 else 0.0
-        s = torch.linalg.svdvals(merged.to(device))
+        s = torch.linalg.svdvals(merged.float().to(device))  # float32: ample for a tail ratio
         found.append((ours, relative_tail(s, plan.rank)))
     return found
 
