@@ -105,7 +105,11 @@ if AVAILABLE:
                 row = d[i, r]
                 if prune == 1:
                     th = thresholds[i]
-                    if ties_left[i] > 0:
+                    hits = 0
+                    if ties_left[i] > 0:  # the tie quota is spent in row-major order: find rows holding one
+                        for c in range(cols):
+                            hits += abs(row[c]) == th
+                    if hits > 0:
                         for c in range(cols):
                             a = abs(row[c])
                             if a == th and ties_left[i] > 0:
@@ -151,3 +155,160 @@ if AVAILABLE:
                     out[r, c] = acc[c]
                     total += float(acc[c]) * float(acc[c])
         return total
+
+    @_jit
+    def merge_block_banded(
+        d: np.ndarray,
+        weights: np.ndarray,
+        lo: np.ndarray,
+        hi: np.ndarray,
+        disjoint: bool,
+        frequency: bool,
+        out: np.ndarray,
+        first: int,
+        above: np.ndarray,
+        def_idx: np.ndarray,
+        def_vals: np.ndarray,
+        n_def: int,
+    ) -> tuple[float, int]:  # pragma: no cover - compiled
+        """Magnitude prune and combine with the exact thresholds still unknown but bracketed: adapter i
+        keeps |x| > hi[i] and drops |x| <= lo[i]; an entry with some |x_i| in (lo[i], hi[i]] is deferred:
+        its flat index (``first`` + row-major offset) and its n values are appended to ``def_idx`` /
+        ``def_vals`` from ``n_def`` on, and ``out`` gets the merge with those values dropped (a
+        provisional value that ``fix_deferred`` replaces). ``above[i]`` counts |x_i| > hi[i].
+        Returns (Σ out², new n_def); an n_def beyond ``def_idx``'s size means it overflowed.
+        Arithmetic per entry is that of ``merge_block``."""
+        n, rows, cols = d.shape
+        zero = np.float32(0.0)
+        one = np.float32(1.0)
+        votes = np.empty(cols, dtype=np.float32)
+        acc = np.empty(cols, dtype=np.float32)
+        count = np.empty(cols, dtype=np.float32)
+        flag = np.empty(cols, dtype=np.int32)
+        cap = def_idx.shape[0]
+        total = 0.0
+        for r in range(rows):
+            flag[:] = 0
+            deferred = 0
+            for i in range(n):
+                row = d[i, r]
+                lo_i, hi_i = lo[i], hi[i]
+                cnt = 0
+                for c in range(cols):
+                    a = abs(row[c])
+                    cnt += np.int32(1) if a > hi_i else np.int32(0)
+                    inside = np.int32(1) if (a > lo_i) & (a <= hi_i) else np.int32(0)
+                    flag[c] += inside
+                    deferred += inside
+                above[i] += cnt
+            for c in range(cols if deferred > 0 else 0):
+                if flag[c] > 0:
+                    if n_def < cap:
+                        def_idx[n_def] = first + r * cols + c
+                        for i in range(n):
+                            def_vals[n_def, i] = d[i, r, c]
+                    n_def += 1
+            votes[:] = zero
+            for i in range(n):
+                row = d[i, r]
+                hi_i = hi[i]
+                for c in range(cols):
+                    row[c] = row[c] if abs(row[c]) > hi_i else zero
+                if frequency:
+                    for c in range(cols):
+                        x = row[c]
+                        votes[c] += (one if x > zero else zero) - (one if x < zero else zero)
+                else:
+                    for c in range(cols):
+                        votes[c] += row[c]
+            acc[:] = zero
+            if disjoint:
+                count[:] = zero
+                for i in range(n):
+                    row = d[i, r]
+                    w = weights[i]
+                    for c in range(cols):
+                        x = row[c]
+                        agree = (x > zero) if votes[c] >= zero else (x < zero)
+                        acc[c] += x * w if agree else zero
+                        count[c] += one if agree else zero
+                for c in range(cols):
+                    v = acc[c] / max(count[c], one)
+                    out[r, c] = v
+                    total += float(v) * float(v)
+            else:
+                for i in range(n):
+                    row = d[i, r]
+                    w = weights[i]
+                    for c in range(cols):
+                        acc[c] += row[c] * w
+                for c in range(cols):
+                    out[r, c] = acc[c]
+                    total += float(acc[c]) * float(acc[c])
+        return total, n_def
+
+    @_jit
+    def fix_deferred(
+        def_idx: np.ndarray,
+        def_vals: np.ndarray,
+        n_def: int,
+        weights: np.ndarray,
+        thresholds: np.ndarray,
+        ties_left: np.ndarray,
+        disjoint: bool,
+        frequency: bool,
+        out: np.ndarray,
+        omega: np.ndarray,
+        y: np.ndarray,
+        sketch: bool,
+    ) -> float:  # pragma: no cover - compiled
+        """Finish the entries ``merge_block_banded`` deferred, now that the exact thresholds and tie quotas
+        are known: prune (keep |x| > th, then |x| == th while the quota lasts, in row-major order — every
+        entry at a threshold lies in its band, so all are here, in order) and combine exactly as
+        ``merge_block``; write into the flat ``out`` and, with ``sketch``, add (new − provisional)·Ω[c] to
+        y[r] (Y = MΩ stays the sketch of the final M). Returns Σ (new² − provisional²) in float64."""
+        n = def_vals.shape[1]
+        cols = omega.shape[0]
+        width = omega.shape[1]
+        zero = np.float32(0.0)
+        one = np.float32(1.0)
+        p = np.empty(n, dtype=np.float32)
+        delta = 0.0
+        for j in range(n_def):
+            votes = zero
+            for i in range(n):
+                x = def_vals[j, i]
+                a = abs(x)
+                keep = a > thresholds[i]
+                if a == thresholds[i] and ties_left[i] > 0:
+                    ties_left[i] -= 1
+                    keep = True
+                x = x if keep else zero
+                p[i] = x
+                if frequency:
+                    votes += (one if x > zero else zero) - (one if x < zero else zero)
+                else:
+                    votes += x
+            acc = zero
+            if disjoint:
+                cnt = zero
+                for i in range(n):
+                    x = p[i]
+                    agree = (x > zero) if votes >= zero else (x < zero)
+                    acc += x * weights[i] if agree else zero
+                    cnt += one if agree else zero
+                v = acc / max(cnt, one)
+            else:
+                for i in range(n):
+                    acc += p[i] * weights[i]
+                v = acc
+            flat = def_idx[j]
+            old = out[flat]
+            out[flat] = v
+            delta += float(v) * float(v) - float(old) * float(old)
+            change = v - old
+            if sketch and change != zero:
+                r, c = flat // cols, flat % cols
+                for t in range(width):
+                    y[r, t] += change * omega[c, t]
+        return delta

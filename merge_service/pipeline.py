@@ -40,6 +40,7 @@ from merge_service.adapter import (
     read_safetensors_header,
 )
 from merge_service.engine import Part, Workspace, merge_module, pad_rank
+from merge_service.estimate import ModuleWork, estimate_build_seconds
 from merge_service.identity import ALGORITHM_VERSION, canonical, derived_seed, encode, merge_key
 from merge_service.output import (
     SIDECAR_FILE,
@@ -224,6 +225,24 @@ class Merger:
             order=order,
             task_type=next((c.raw.get("task_type") for c in configs if c.raw.get("task_type")), None),
             input_bytes=input_bytes,
+        )
+
+    def estimate_seconds(self, plan: Plan) -> float:
+        """Estimated seconds to build ``plan`` here (``estimate.estimate_build_seconds``)."""
+        strategy = strategies.get(plan.spec.strategy)
+        device = (
+            "cuda"
+            if self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available())
+            else "cpu"
+        )
+        return estimate_build_seconds(
+            [ModuleWork(m.d_out, m.d_in, m.ranks) for m in plan.modules],
+            linear=strategy.linear,
+            factors=plan.spec.space == Space.FACTORS,
+            rank=plan.rank,
+            input_bytes=plan.input_bytes,
+            output_bytes=plan.estimated_bytes,
+            device=device,
         )
 
     @staticmethod

@@ -168,11 +168,12 @@ class MergeServicer(merge_pb2_grpc.MergeServiceServicer):
         report = None
         if request.interference:
             report = interference.to_proto(await asyncio.to_thread(interference.plan_interference, plan))
+        cached = self.cache.contains(plan.merge_key)
         return merge_pb2.PlanResponse(
             merge_key=plan.merge_key,
             rank=plan.rank,
             estimated_bytes=plan.estimated_bytes,
-            cached=self.cache.contains(plan.merge_key),
+            cached=cached,
             adapters=[
                 resolved_adapter(src, ref.weight, cfg)
                 for src, ref, cfg in zip(plan.sources, plan.spec.adapters, configs, strict=True)
@@ -180,6 +181,7 @@ class MergeServicer(merge_pb2_grpc.MergeServiceServicer):
             base_model=plan.base_model,
             effective_spec=spec_to_proto(plan.spec),
             interference=report,
+            estimated_build_seconds=0.0 if cached else self.merger.estimate_seconds(plan),
         )
 
     @rpc_method

@@ -398,10 +398,12 @@ def test_list_cached_and_evict(served) -> None:
     [entry] = [e for e in listing.entries if e.merge_key == key]
     assert entry.in_memory and entry.on_disk and entry.bytes > 0 and entry.rank == 8
     assert 0 < listing.memory_bytes <= listing.memory_limit_bytes == 64 << 20
-    assert stub.Plan(req, timeout=30).cached
+    cached_plan = stub.Plan(req, timeout=30)
+    assert cached_plan.cached and cached_plan.estimated_build_seconds == 0.0
     assert stub.Evict(P.EvictRequest(merge_key=key), timeout=30).evicted == 1
     assert stub.Evict(P.EvictRequest(merge_key=key), timeout=30).evicted == 0
-    assert not stub.Plan(req, timeout=30).cached
+    fresh_plan = stub.Plan(req, timeout=30)
+    assert not fresh_plan.cached and 0.0 < fresh_plan.estimated_build_seconds < 60.0
     assert not read_stream(stub.Merge(req, timeout=120)).header.cache_hit
     for bad, field in ((P.EvictRequest(), "merge_key"), (P.EvictRequest(merge_key="../x"), "merge_key")):
         code, _, fields = error_of(lambda bad=bad: stub.Evict(bad, timeout=30))

@@ -103,3 +103,34 @@ def test_kernel_sfc64_is_numpys_stream() -> None:
     got = np.empty(1000, dtype=np.uint64)
     kernels.sfc64_raw(state, got)
     assert np.array_equal(got, np.random.SFC64(987654321).random_raw(1000))
+
+
+@pytest.mark.parametrize("name", ["ties", "magnitude_prune"])
+@pytest.mark.parametrize("density", [0.0005, 0.3, 0.9])
+def test_one_pass_banded_merge_is_taken_and_exact(
+    small_blocks: None, monkeypatch: pytest.MonkeyPatch, name: str, density: float
+) -> None:
+    """The one-pass magnitude merge (deferred band entries) runs, equals the strategy, and keeps MΩ."""
+    if not kernels.AVAILABLE:
+        pytest.skip("numba is not installed")
+    taken = []
+    real = engine._banded_merge
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        result = real(*args, **kwargs)
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setattr(engine, "_banded_merge", spy)
+    ps = parts(4, seed=7)
+    strategy = strategies.get(name)
+    params = MergeParams(density=density)
+    weights = [0.5, -1.0, 2.0, 1.0]
+    omega = torch.randn(200, 12, generator=torch.Generator().manual_seed(1))
+    merged, total_sq, y = dense_merge(ps, weights, strategy, params, [1, 2, 3, 4], omega=omega)
+    assert taken == [True]
+    want = strategy.fn([(p.B * p.scale) @ p.A for p in ps], weights, params, [1, 2, 3, 4])
+    assert torch.equal(merged, want)
+    assert total_sq == pytest.approx(float(want.double().square().sum()), rel=1e-6)
+    assert y is not None
+    torch.testing.assert_close(y, want @ omega, rtol=1e-4, atol=1e-4 * float(want.abs().max()))

@@ -211,7 +211,7 @@ class ResolvedAdapter(_message.Message):
     def __init__(self, id: _Optional[str] = ..., source: _Optional[_Union[AdapterSource, str]] = ..., revision: _Optional[str] = ..., digest: _Optional[str] = ..., weight: _Optional[float] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., use_rslora: _Optional[bool] = ..., base_model: _Optional[str] = ..., target_modules: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PlanResponse(_message.Message):
-    __slots__ = ("merge_key", "rank", "estimated_bytes", "cached", "adapters", "base_model", "effective_spec", "interference")
+    __slots__ = ("merge_key", "rank", "estimated_bytes", "cached", "adapters", "base_model", "effective_spec", "interference", "estimated_build_seconds")
     MERGE_KEY_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -220,6 +220,7 @@ class PlanResponse(_message.Message):
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     EFFECTIVE_SPEC_FIELD_NUMBER: _ClassVar[int]
     INTERFERENCE_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_BUILD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     merge_key: str
     rank: int
     estimated_bytes: int
@@ -228,7 +229,8 @@ class PlanResponse(_message.Message):
     base_model: str
     effective_spec: MergeSpec
     interference: InterferenceReport
-    def __init__(self, merge_key: _Optional[str] = ..., rank: _Optional[int] = ..., estimated_bytes: _Optional[int] = ..., cached: _Optional[bool] = ..., adapters: _Optional[_Iterable[_Union[ResolvedAdapter, _Mapping]]] = ..., base_model: _Optional[str] = ..., effective_spec: _Optional[_Union[MergeSpec, _Mapping]] = ..., interference: _Optional[_Union[InterferenceReport, _Mapping]] = ...) -> None: ...
+    estimated_build_seconds: float
+    def __init__(self, merge_key: _Optional[str] = ..., rank: _Optional[int] = ..., estimated_bytes: _Optional[int] = ..., cached: _Optional[bool] = ..., adapters: _Optional[_Iterable[_Union[ResolvedAdapter, _Mapping]]] = ..., base_model: _Optional[str] = ..., effective_spec: _Optional[_Union[MergeSpec, _Mapping]] = ..., interference: _Optional[_Union[InterferenceReport, _Mapping]] = ..., estimated_build_seconds: _Optional[float] = ...) -> None: ...
 
 class InterferenceStats(_message.Message):
     __slots__ = ("module", "cosine", "norm_ratio", "sign_conflict", "top_overlap")
