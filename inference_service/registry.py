@@ -10,6 +10,10 @@
 - A new spec is fetched once, however many requests ask for it at the same time (single flight),
   verified, written into its own new folder and registered with ``add_lora`` under a new name and
   a new lora_int_id before any request uses it: a bad adapter fails that request, not the engine.
+- Two namespaces (trust): a merge key enters the registry only from the merge service's own stream.
+  A pushed adapter (``LoadAdapter``) is filed under ``pushed:<sha256 of its bytes>`` (the receiver
+  has verified that digest) and served only by that key or its name, never for a spec: the
+  ``merge_key`` a pushed header claims is ignored, so a push cannot hijack anyone's merged spec.
 - The number of registered adapters is bounded: the least recently used one that no running
   request holds is removed from vLLM and from disk. While every registered adapter is in use the
   bound is exceeded; releasing a lease then evicts back down to it.
@@ -45,6 +49,7 @@ from inference_service.specs import (
 )
 from loramerge_common.errors import (
     FailedPrecondition,
+    Internal,
     InvalidArgument,
     LoramergeError,
     NotFound,
@@ -54,6 +59,12 @@ from loramerge_common.errors import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+PUSHED_PREFIX = "pushed:"
+
+
+def pushed_key(sha256: str) -> str:
+    """The registry key of a pushed adapter: its own namespace, never a merge key."""
+    return f"{PUSHED_PREFIX}{sha256}"
 
 
 class LoraEngine(Protocol):
@@ -260,7 +271,8 @@ class AdapterRegistry:
         except BaseException:
             writer.discard()
             raise
-        key = received.header.merge_key or f"sha256:{received.header.sha256}"
+        # The header's merge_key is ignored: only the merge service's stream may file a merge key.
+        key = pushed_key(received.header.sha256)
         return await self._register(received, key, lora_int_id, "pushed adapter", via="push")
 
     async def unload(self, merge_key: str = "", name: str = "") -> bool:
@@ -410,10 +422,13 @@ class AdapterRegistry:
             self.metrics.fetch_seconds.labels(phase="transfer").observe(fetched.received.transfer_ms / 1e3)
         received = fetched.received
         key = received.header.merge_key
-        if not key:
+        if not key or key.startswith(PUSHED_PREFIX):
             writer.discard()
-            raise InvalidArgument(
-                "the merge service sent a header without a merge_key", field="header.merge_key"
+            # The merge service broke the protocol: a server fault, not the caller's (not INVALID_ARGUMENT).
+            raise Internal(
+                f"the merge service sent a header with merge_key {shown(key)} (empty or in the pushed "
+                "namespace)",
+                field="header.merge_key",
             )
         self._remember(fingerprint, SpecKey(key, self.clock(), spec_pinned(spec)))
         usage = await self._register(received, key, lora_int_id, describe_spec(spec), via="merge")
@@ -435,7 +450,10 @@ class AdapterRegistry:
             if existing is not None:  # another spelling of the same merge got here first
                 shutil.rmtree(received.directory, ignore_errors=True)
                 return Usage(existing, already_loaded=True)
-            name = f"{key.removeprefix('sha256:')[:16]}-{lora_int_id}"
+            short = key.removeprefix(PUSHED_PREFIX)[:16]
+            name = (
+                f"pushed-{short}-{lora_int_id}" if key.startswith(PUSHED_PREFIX) else f"{short}-{lora_int_id}"
+            )
             t0 = time.perf_counter()
             try:
                 await self.engine.add_lora(name, lora_int_id, received.directory)

@@ -74,6 +74,10 @@ class ServerSettings:
     auth_token: str | None = setting(
         None, "bearer token clients must send (auth_token_file wins)", secret=True
     )
+    admin_token_file: Path | None = setting(
+        None, "file holding the admin token (LoadAdapter, UnloadAdapter, Evict need it when auth is on)"
+    )
+    admin_token: str | None = setting(None, "admin token (admin_token_file wins)", secret=True)
     max_receive_message_bytes: int = setting(16 * MiB, "largest gRPC message accepted", byte_size=True)
     max_send_message_bytes: int = setting(16 * MiB, "largest gRPC message sent", byte_size=True)
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
@@ -124,11 +128,16 @@ class GrpcServer:
 
         token = load_token(settings.auth_token, settings.auth_token_file)
         all_interceptors = list(interceptors)
-        if token:
-            all_interceptors.insert(0, BearerTokenInterceptor(token, metrics=self.rpc_metrics))
+        admin_token = load_token(settings.admin_token, settings.admin_token_file)
+        if admin_token and admin_token == token:
+            raise ValueError("the admin token must differ from the user token")
+        if token or admin_token:
+            all_interceptors.insert(
+                0, BearerTokenInterceptor(token, admin_token=admin_token, metrics=self.rpc_metrics)
+            )
         # First in the chain: while draining, every call (even one with a bad token) is UNAVAILABLE.
         all_interceptors.insert(0, DrainInterceptor(self.drain, metrics=self.rpc_metrics))
-        self.auth_enabled = bool(token)
+        self.auth_enabled = bool(token or admin_token)
         self.credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
         self.server = grpc.aio.server(
             interceptors=all_interceptors,
