@@ -5,7 +5,8 @@ server restarting or draining, overloaded proxy), so sending it again cannot do 
 So is a CANCELLED this client did not ask for (its calls are cancelled only by their deadline, which
 reads DEADLINE_EXCEEDED): our servers never send it, but grpc core answers it for a call that
 races a server's shutdown (it drops calls that arrive after grpc's stop began, before any handler
-ran). Every loramerge call is idempotent (plans, key-addressed merges, content-addressed pushes).
+ran). ABORTED too: a build found an input rewritten since its plan and did nothing; the retry plans
+again. Every loramerge call is idempotent (plans, key-addressed merges, content-addressed pushes).
 DEADLINE_EXCEEDED, INTERNAL and the rest may have done work and are returned to the caller.
 
 The default budget (10 attempts, backoff up to 2 s: about 11 s in all, within the call's deadline)
@@ -37,7 +38,7 @@ class RetryPolicy:
     multiplier: float = 2.0
     jitter: float = 0.2
     retry_codes: frozenset[grpc.StatusCode] = field(
-        default=frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+        default=frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED})
     )
 
     def backoff(self, attempt: int, rng: random.Random | None = None) -> float:
