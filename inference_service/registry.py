@@ -48,7 +48,9 @@ from inference_service.specs import (
     spec_pinned,
 )
 from loramerge_common.errors import (
+    DeadlineExceeded,
     FailedPrecondition,
+    FieldViolation,
     Internal,
     InvalidArgument,
     LoramergeError,
@@ -60,6 +62,31 @@ from loramerge_common.errors import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 PUSHED_PREFIX = "pushed:"
+
+
+def _spec_fields(field: str) -> str:
+    return field
+
+
+def _renamed(err: LoramergeError, namer: Callable[[str], str]) -> LoramergeError:
+    """A copy of ``err`` (same class) with its spec-form field names ("spec.density") in the caller's
+    terms, message included."""
+    if namer is _spec_fields:
+        return err
+
+    def text(s: str) -> str:
+        for v in err.violations:
+            if v.field.startswith("spec."):  # (a bare "spec" would also match ordinary words)
+                s = s.replace(v.field, namer(v.field))
+        return s
+
+    copy = type(err)(
+        text(err.message),
+        field=namer(err.field) if err.field else None,
+        violations=[FieldViolation(namer(v.field), text(v.description)) for v in err.violations],
+    )
+    copy.code = err.code
+    return copy
 
 
 def pushed_key(sha256: str) -> str:
@@ -249,15 +276,25 @@ class AdapterRegistry:
                 return self._lease(Usage(entry, already_loaded=True))
             task = self._inflight.get(fingerprint)
             if task is None:
+                # The shared fetch names fields in spec terms; each waiter renames them its own way
+                # (a joiner may come from another front-end or name the spec differently).
                 task = asyncio.get_running_loop().create_task(
-                    self._fetch_and_register(spec, fingerprint, deadline, field_namer)
+                    self._fetch_and_register(spec, fingerprint, deadline, _spec_fields)
                 )
                 self._inflight[fingerprint] = task
                 task.add_done_callback(partial(self._fetch_done, fingerprint))
                 self._count("fetched")
             else:
                 self._count("joined")
-            usage = await self._join(task)
+            try:
+                usage = await self._join_by(task, deadline, spec)
+            except DeadlineExceeded as e:
+                # The fetch ran under the first caller's deadline; a joiner with time left fetches again.
+                if time.monotonic() < deadline and task.done() and fingerprint not in self._inflight:
+                    continue
+                raise _renamed(e, field_namer) from None
+            except LoramergeError as e:
+                raise _renamed(e, field_namer) from None
             if not usage.entry.removed:
                 return self._lease(usage)
         raise LoramergeError(f"adapter for {describe_spec(spec)} was evicted repeatedly while loading")
@@ -310,6 +347,17 @@ class AdapterRegistry:
         self._rechecks.pop(fingerprint, None)
         if not task.cancelled():
             task.exception()
+
+    async def _join_by(self, task: asyncio.Task[T], deadline: float, spec: merge_pb2.MergeSpec) -> T:
+        """``_join``, but within this caller's own deadline (the shared task keeps running)."""
+        try:
+            return await asyncio.wait_for(self._join(task), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception() from None  # type: ignore[misc]
+            raise DeadlineExceeded(
+                f"deadline exceeded waiting for the merge of {describe_spec(spec)}", field="spec"
+            ) from None
 
     async def _join(self, task: asyncio.Task[T]) -> T:
         """Wait for a shared task. Shielded: one caller going away must not cancel the work the

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import grpc
@@ -20,7 +21,7 @@ from inference_service.merge_client import Fetched
 from inference_service.metrics import InferenceMetrics
 from inference_service.receiver import AdapterLimits, AdapterWriter, Received
 from inference_service.registry import AdapterRegistry, pushed_key
-from loramerge_common.errors import InvalidArgument, LoramergeError, Unavailable
+from loramerge_common.errors import DeadlineExceeded, InvalidArgument, LoramergeError, Unavailable
 from loramerge_common.metrics import sample_value
 
 LIMITS = AdapterLimits(base_model="base", max_rank=16, max_bytes=10_000)
@@ -67,7 +68,10 @@ class FakeMergeService:
     ) -> Fetched:
         self.calls += 1
         if self.gate is not None:
-            await self.gate.wait()
+            try:  # like the real fetcher: bounded by the deadline it was given
+                await asyncio.wait_for(self.gate.wait(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise DeadlineExceeded("deadline exceeded", field="spec") from None
         if self.fail_with is not None:
             raise self.fail_with
         key = self.keys.get(spec.adapters[0].id, spec.adapters[0].id)
@@ -345,5 +349,44 @@ def test_a_merge_key_in_the_pushed_namespace_is_a_server_fault(tmp_path):
             await registry.for_spec(spec("x"))
         assert info.value.code == grpc.StatusCode.INTERNAL and info.value.field == "header.merge_key"
         assert folders(registry) == 0
+
+    asyncio.run(main())
+
+
+def test_joiners_keep_their_own_deadline_and_field_names(tmp_path):
+    """A joiner of a single-flight fetch is bounded by its own deadline, not the first caller's: the
+    first caller's short deadline fails only the first caller, and the joiner fetches again. Each
+    caller's error names fields its own way."""
+
+    async def main():
+        registry, _, merges, _ = make(tmp_path)
+        merges.gate = asyncio.Event()
+        now = time.monotonic()
+        first = asyncio.create_task(registry.for_spec(spec("a"), deadline=now + 0.2))
+        await asyncio.sleep(0.05)
+        joiner = asyncio.create_task(registry.for_spec(spec("a"), deadline=now + 30))
+        with pytest.raises(DeadlineExceeded):
+            await first
+        await asyncio.sleep(0.1)
+        assert not joiner.done()
+        merges.gate.set()
+        async with await joiner as usage:
+            assert usage.entry.merge_key == "a"
+
+        merges.fail_with = InvalidArgument("spec.density must be in (0, 1]", field="spec.density")
+        merges.gate = asyncio.Event()
+        mine = asyncio.create_task(registry.for_spec(spec("b")))
+        await asyncio.sleep(0.05)
+        theirs = asyncio.create_task(
+            registry.for_spec(spec("b"), field_namer=lambda f: f.replace("spec", "recipe", 1))
+        )
+        await asyncio.sleep(0.05)
+        merges.gate.set()
+        with pytest.raises(InvalidArgument) as a:
+            await mine
+        with pytest.raises(InvalidArgument) as b:
+            await theirs
+        assert a.value.field == "merged_adapters.density" and "merged_adapters.density" in a.value.message
+        assert b.value.field == "recipe.density" and "recipe.density" in b.value.message
 
     asyncio.run(main())
