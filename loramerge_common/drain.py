@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
@@ -161,9 +160,3 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
                 self._metrics.error(method.rsplit("/", 1)[-1], "UNAVAILABLE")
             return _refuse(handler, self.state.retry_after_seconds)
         return _wrap(handler, self.state)
-
-
-def monotonic_deadline(seconds: float) -> Callable[[], float]:
-    """Seconds left until ``seconds`` from now (never negative)."""
-    end = time.monotonic() + seconds
-    return lambda: max(0.0, end - time.monotonic())
