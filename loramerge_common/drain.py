@@ -86,8 +86,15 @@ def _wrap(handler: grpc.RpcMethodHandler, state: DrainState) -> grpc.RpcMethodHa
             with state.track():
                 result = behaviour(request, context)
                 if inspect.isasyncgen(result) or hasattr(result, "__aiter__"):
-                    async for item in result:
-                        yield item
+                    try:
+                        async for item in result:
+                            yield item
+                    finally:
+                        # A cancelled call closes this generator: close the handler's now too, so its
+                        # cleanup runs before the call counts as finished.
+                        aclose = getattr(result, "aclose", None)
+                        if aclose is not None:
+                            await aclose()
                 else:  # a handler that writes with context.write and returns a coroutine
                     await result
 
