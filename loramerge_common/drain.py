@@ -5,7 +5,9 @@ transport but not yet handed to the application with RST_STREAM(CANCEL), so a ca
 shutdown reaches the client as CANCELLED, which clients (ours included) do not retry. Instead,
 from the moment health turns NOT_SERVING, ``DrainInterceptor`` answers every new call UNAVAILABLE
 itself, and the server calls ``stop`` only once the calls it had already started are finished
-(``DrainState.wait_idle``), so nothing is left in grpc's hands to cancel.
+(``DrainState.wait_idle``). What is left is a narrow race that the application cannot see: a call
+reaching grpc core after its stop began is still dropped as CANCELLED (measured: about 1 call per
+restart with four clients hammering one server); clients retry it (loramerge_client.retry).
 
 ``DrainState`` is also the hook for other front-ends of the same process (the inference service's
 HTTP API): read ``state.draining`` and answer 503 with ``Retry-After: state.retry_after_seconds``;
