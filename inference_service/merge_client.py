@@ -161,7 +161,9 @@ class MergeClient:
                 last_error = f"{e.code().name}: {e.details()}"
                 if writer.header is not None:
                     resumed += 1
-                    header_ms = header_ms or (time.perf_counter() - t0) * 1e3
+                    if not header_ms and writer.header_at is not None:
+                        # When the header came, not when the stream broke (that is transfer time).
+                        header_ms = max(0.0, (writer.header_at - t0) * 1e3)
                 self._on_retry(e.code().name)
                 delay = next_delay()
                 log.warning(

@@ -116,6 +116,7 @@ class AdapterWriter:
     header: merge_pb2.MergeHeader | None = None
     config: dict[str, Any] = field(default_factory=dict)
     received: int = 0
+    header_at: float | None = None  # time.perf_counter() when the first header arrived
     _hash: Any = field(default_factory=hashlib.sha256)
     _file: IO[bytes] | None = None
 
@@ -140,6 +141,7 @@ class AdapterWriter:
             )
         self.config = check_header(header, self.limits)
         self.header = header
+        self.header_at = time.perf_counter()
         self.directory.mkdir(parents=True, exist_ok=False)
         (self.directory / CONFIG_FILE).write_text(header.adapter_config_json)
         self._file = open(self.directory / WEIGHTS_FILE, "wb")  # noqa: SIM115 - closed in finish/discard

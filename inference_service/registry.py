@@ -10,6 +10,10 @@
 - A new spec is fetched once, however many requests ask for it at the same time (single flight),
   verified, written into its own new folder and registered with ``add_lora`` under a new name and
   a new lora_int_id before any request uses it: a bad adapter fails that request, not the engine.
+- Two namespaces (trust): a merge key enters the registry only from the merge service's own stream.
+  A pushed adapter (``LoadAdapter``) is filed under ``pushed:<sha256 of its bytes>`` (the receiver
+  has verified that digest) and served only by that key or its name, never for a spec: the
+  ``merge_key`` a pushed header claims is ignored, so a push cannot hijack anyone's merged spec.
 - The number of registered adapters is bounded: the least recently used one that no running
   request holds is removed from vLLM and from disk. While every registered adapter is in use the
   bound is exceeded; releasing a lease then evicts back down to it.
@@ -44,7 +48,10 @@ from inference_service.specs import (
     spec_pinned,
 )
 from loramerge_common.errors import (
+    DeadlineExceeded,
     FailedPrecondition,
+    FieldViolation,
+    Internal,
     InvalidArgument,
     LoramergeError,
     NotFound,
@@ -54,6 +61,37 @@ from loramerge_common.errors import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+PUSHED_PREFIX = "pushed:"
+
+
+def _spec_fields(field: str) -> str:
+    return field
+
+
+def _renamed(err: LoramergeError, namer: Callable[[str], str]) -> LoramergeError:
+    """A copy of ``err`` (same class) with its spec-form field names ("spec.density") in the caller's
+    terms, message included."""
+    if namer is _spec_fields:
+        return err
+
+    def text(s: str) -> str:
+        for v in err.violations:
+            if v.field.startswith("spec."):  # (a bare "spec" would also match ordinary words)
+                s = s.replace(v.field, namer(v.field))
+        return s
+
+    copy = type(err)(
+        text(err.message),
+        field=namer(err.field) if err.field else None,
+        violations=[FieldViolation(namer(v.field), text(v.description)) for v in err.violations],
+    )
+    copy.code = err.code
+    return copy
+
+
+def pushed_key(sha256: str) -> str:
+    """The registry key of a pushed adapter: its own namespace, never a merge key."""
+    return f"{PUSHED_PREFIX}{sha256}"
 
 
 class LoraEngine(Protocol):
@@ -238,15 +276,25 @@ class AdapterRegistry:
                 return self._lease(Usage(entry, already_loaded=True))
             task = self._inflight.get(fingerprint)
             if task is None:
+                # The shared fetch names fields in spec terms; each waiter renames them its own way
+                # (a joiner may come from another front-end or name the spec differently).
                 task = asyncio.get_running_loop().create_task(
-                    self._fetch_and_register(spec, fingerprint, deadline, field_namer)
+                    self._fetch_and_register(spec, fingerprint, deadline, _spec_fields)
                 )
                 self._inflight[fingerprint] = task
                 task.add_done_callback(partial(self._fetch_done, fingerprint))
                 self._count("fetched")
             else:
                 self._count("joined")
-            usage = await self._join(task)
+            try:
+                usage = await self._join_by(task, deadline, spec)
+            except DeadlineExceeded as e:
+                # The fetch ran under the first caller's deadline; a joiner with time left fetches again.
+                if time.monotonic() < deadline and task.done() and fingerprint not in self._inflight:
+                    continue
+                raise _renamed(e, field_namer) from None
+            except LoramergeError as e:
+                raise _renamed(e, field_namer) from None
             if not usage.entry.removed:
                 return self._lease(usage)
         raise LoramergeError(f"adapter for {describe_spec(spec)} was evicted repeatedly while loading")
@@ -260,7 +308,8 @@ class AdapterRegistry:
         except BaseException:
             writer.discard()
             raise
-        key = received.header.merge_key or f"sha256:{received.header.sha256}"
+        # The header's merge_key is ignored: only the merge service's stream may file a merge key.
+        key = pushed_key(received.header.sha256)
         return await self._register(received, key, lora_int_id, "pushed adapter", via="push")
 
     async def unload(self, merge_key: str = "", name: str = "") -> bool:
@@ -298,6 +347,17 @@ class AdapterRegistry:
         self._rechecks.pop(fingerprint, None)
         if not task.cancelled():
             task.exception()
+
+    async def _join_by(self, task: asyncio.Task[T], deadline: float, spec: merge_pb2.MergeSpec) -> T:
+        """``_join``, but within this caller's own deadline (the shared task keeps running)."""
+        try:
+            return await asyncio.wait_for(self._join(task), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception() from None  # type: ignore[misc]
+            raise DeadlineExceeded(
+                f"deadline exceeded waiting for the merge of {describe_spec(spec)}", field="spec"
+            ) from None
 
     async def _join(self, task: asyncio.Task[T]) -> T:
         """Wait for a shared task. Shielded: one caller going away must not cancel the work the
@@ -410,10 +470,13 @@ class AdapterRegistry:
             self.metrics.fetch_seconds.labels(phase="transfer").observe(fetched.received.transfer_ms / 1e3)
         received = fetched.received
         key = received.header.merge_key
-        if not key:
+        if not key or key.startswith(PUSHED_PREFIX):
             writer.discard()
-            raise InvalidArgument(
-                "the merge service sent a header without a merge_key", field="header.merge_key"
+            # The merge service broke the protocol: a server fault, not the caller's (not INVALID_ARGUMENT).
+            raise Internal(
+                f"the merge service sent a header with merge_key {shown(key)} (empty or in the pushed "
+                "namespace)",
+                field="header.merge_key",
             )
         self._remember(fingerprint, SpecKey(key, self.clock(), spec_pinned(spec)))
         usage = await self._register(received, key, lora_int_id, describe_spec(spec), via="merge")
@@ -435,7 +498,10 @@ class AdapterRegistry:
             if existing is not None:  # another spelling of the same merge got here first
                 shutil.rmtree(received.directory, ignore_errors=True)
                 return Usage(existing, already_loaded=True)
-            name = f"{key.removeprefix('sha256:')[:16]}-{lora_int_id}"
+            short = key.removeprefix(PUSHED_PREFIX)[:16]
+            name = (
+                f"pushed-{short}-{lora_int_id}" if key.startswith(PUSHED_PREFIX) else f"{short}-{lora_int_id}"
+            )
             t0 = time.perf_counter()
             try:
                 await self.engine.add_lora(name, lora_int_id, received.directory)

@@ -91,6 +91,12 @@ class DeadlineExceeded(LoramergeError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class Aborted(LoramergeError):
+    """Retryable: the call saw its inputs change under it and did nothing (e.g. plan → build race)."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 class Internal(LoramergeError):
     code = grpc.StatusCode.INTERNAL
 

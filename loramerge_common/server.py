@@ -3,7 +3,8 @@
 Health (grpc.health.v1, per service and overall), reflection (grpcurl needs no .proto files),
 Prometheus metrics over HTTP, optional TLS / mutual TLS, optional bearer-token auth, message size
 limits, and a graceful shutdown: on SIGTERM/SIGINT every health entry turns NOT_SERVING, new calls
-are refused and calls in flight get ``grace_seconds`` to finish.
+are refused with UNAVAILABLE (never CANCELLED; see loramerge_common/drain.py) and calls in flight get
+``grace_seconds`` to finish.
 
 A service's ``__main__`` follows this pattern::
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from loramerge_common.auth import BearerTokenInterceptor, load_token
+from loramerge_common.drain import DrainInterceptor, DrainState
 from loramerge_common.health import HEALTH_SERVICE_NAME, Health
 from loramerge_common.metrics import MetricsEndpoint, RpcMetrics, start_metrics_server
 from loramerge_common.settings import MiB, describe, setting
@@ -62,7 +65,7 @@ class ServerSettings:
     metrics_host: str = setting("0.0.0.0", "address the metrics HTTP server binds")
     grace_seconds: float = setting(30.0, "on SIGTERM, how long calls in flight may take to finish")
     drain_seconds: float = setting(
-        0.0, "on SIGTERM, how long to keep accepting calls after health turns NOT_SERVING"
+        0.0, "on SIGTERM, how long the port stays open (answering UNAVAILABLE) before the drain"
     )
     tls_cert: Path | None = setting(None, "PEM server certificate (with tls_key: serve TLS)")
     tls_key: Path | None = setting(None, "PEM private key of tls_cert")
@@ -71,6 +74,10 @@ class ServerSettings:
     auth_token: str | None = setting(
         None, "bearer token clients must send (auth_token_file wins)", secret=True
     )
+    admin_token_file: Path | None = setting(
+        None, "file holding the admin token (LoadAdapter, UnloadAdapter, Evict need it when auth is on)"
+    )
+    admin_token: str | None = setting(None, "admin token (admin_token_file wins)", secret=True)
     max_receive_message_bytes: int = setting(16 * MiB, "largest gRPC message accepted", byte_size=True)
     max_send_message_bytes: int = setting(16 * MiB, "largest gRPC message sent", byte_size=True)
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
@@ -103,6 +110,7 @@ class GrpcServer:
         options: Sequence[tuple[str, Any]] = (),
         serving_at_start: bool = True,
         on_stop: Sequence[StopHook] = (),
+        drain: DrainState | None = None,
     ) -> None:
         self.settings = settings
         self.services = list(services)
@@ -115,12 +123,21 @@ class GrpcServer:
         self.metrics_port: int | None = None
         self._metrics: MetricsEndpoint | None = None
         self._stopped = False
+        # Shared with other front-ends of the process (HTTP): they read ``drain.draining``.
+        self.drain = drain if drain is not None else DrainState()
 
         token = load_token(settings.auth_token, settings.auth_token_file)
         all_interceptors = list(interceptors)
-        if token:
-            all_interceptors.insert(0, BearerTokenInterceptor(token, metrics=self.rpc_metrics))
-        self.auth_enabled = bool(token)
+        admin_token = load_token(settings.admin_token, settings.admin_token_file)
+        if admin_token and admin_token == token:
+            raise ValueError("the admin token must differ from the user token")
+        if token or admin_token:
+            all_interceptors.insert(
+                0, BearerTokenInterceptor(token, admin_token=admin_token, metrics=self.rpc_metrics)
+            )
+        # First in the chain: while draining, every call (even one with a bad token) is UNAVAILABLE.
+        all_interceptors.insert(0, DrainInterceptor(self.drain, metrics=self.rpc_metrics))
+        self.auth_enabled = bool(token or admin_token)
         self.credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
         self.server = grpc.aio.server(
             interceptors=all_interceptors,
@@ -181,17 +198,26 @@ class GrpcServer:
         return self._metrics.port
 
     async def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING everywhere, wait drain_seconds, refuse new calls, give calls in flight ``grace``
-        seconds (default grace_seconds) to finish, then cancel the rest and run the on_stop hooks."""
+        """Refuse new calls (UNAVAILABLE) and turn NOT_SERVING everywhere, wait drain_seconds, give the
+        calls in flight ``grace`` seconds (default grace_seconds) to finish, then stop grpc (which
+        cancels what is left) and run the on_stop hooks."""
         if self._stopped:
             return
         self._stopped = True
         grace = self.settings.grace_seconds if grace is None else grace
+        end = time.monotonic() + grace
+        # Refuse before health flips: a client that sees NOT_SERVING must never get a call accepted.
+        self.drain.start_draining()
         await self.health.drain()
         if self.settings.drain_seconds > 0:
             await asyncio.sleep(self.settings.drain_seconds)
-        log.info("draining", extra={"grace_seconds": grace})
-        await self.server.stop(grace)
+        log.info("draining", extra={"grace_seconds": grace, "in_flight": self.drain.in_flight})
+        # Only once our own calls are done is grpc stopped: grpc.stop cancels calls it holds that have
+        # not reached a handler yet (CANCELLED at the client), so it must find none to hold.
+        idle = await self.drain.wait_idle(end - time.monotonic())
+        if not idle:
+            log.warning("grace ran out", extra={"in_flight": self.drain.in_flight})
+        await self.server.stop(max(0.0, end - time.monotonic()) if idle else 0)
         for hook in self.on_stop:
             try:
                 await hook()

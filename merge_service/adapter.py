@@ -21,6 +21,7 @@ Errors (every message names the adapter and the reason; ``field`` is the request
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -35,14 +36,23 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from loramerge_common.errors import FailedPrecondition, InvalidArgument, LoramergeError, NotFound, shown
+from loramerge_common.errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    LoramergeError,
+    NotFound,
+    shown,
+)
 from merge_service.sources.base import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     ResolvedSource,
     check_size,
+    content_digest,
     missing_weights_error,
 )
+from merge_service.spec import SourceKind
 
 PEFT_PREFIX = "base_model.model."
 MAX_CONFIG_BYTES = 1 << 20
@@ -245,6 +255,11 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def read_config(path: Path, adapter_id: str, field: str = "adapter") -> AdapterConfig:
     """Read and check ``adapter_config.json`` (``path`` is the file or its directory). No tensors are read."""
+    return read_config_and_sha256(path, adapter_id, field)[0]
+
+
+def read_config_and_sha256(path: Path, adapter_id: str, field: str = "adapter") -> tuple[AdapterConfig, str]:
+    """``read_config`` and the sha256 of the very bytes it parsed."""
     path = Path(path)
     if path.is_dir():
         path = path / CONFIG_FILE
@@ -271,7 +286,7 @@ def read_config(path: Path, adapter_id: str, field: str = "adapter") -> AdapterC
         raw = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
     except (UnicodeDecodeError, ValueError) as e:
         raise _err(InvalidArgument, adapter_id, f"{CONFIG_FILE} is not valid JSON ({e})", field) from None
-    return parse_config(raw, adapter_id, field)
+    return parse_config(raw, adapter_id, field), hashlib.sha256(data).hexdigest()
 
 
 # -------------------------------------------------------------------------------------- safetensors
@@ -460,8 +475,12 @@ def all_finite(t: torch.Tensor) -> bool:
 def load_adapter(
     src: ResolvedSource, device: str = "cpu", *, max_bytes: int | None = None, field: str = "adapter"
 ) -> LoraAdapter:
-    """Read, check and decode an adapter's two files into float32 factors on ``device``."""
-    config = read_config(src.path / CONFIG_FILE, src.id, field)
+    """Read, check and decode an adapter's two files into float32 factors on ``device``.
+
+    The bytes decoded are hashed as they are read and compared with the content digest the plan
+    resolved (local and S3 sources): a file rewritten between plan and build is Aborted (retryable),
+    so nothing is ever built, let alone cached, under a key whose inputs it did not read."""
+    config, config_sha = read_config_and_sha256(src.path / CONFIG_FILE, src.id, field)
     weights = src.path / WEIGHTS_FILE
     try:
         f = open_regular(weights)
@@ -480,6 +499,7 @@ def load_adapter(
         data = f.read(size + 1)
     if len(data) != size:
         raise _err(InvalidArgument, src.id, f"{WEIGHTS_FILE} changed while it was being read", field)
+    read_digest = content_digest(config_sha, hashlib.sha256(data).hexdigest())
 
     try:
         tensors = load_safetensors(data)
@@ -502,4 +522,17 @@ def load_adapter(
                 )
             factors.append(t.contiguous())
         out[module] = LoraModule(A=factors[0], B=factors[1], scale=config.scale_for(module))
+    # Checked last, so that bad content is still reported as such; hub digests name a commit.
+    verifiable = src.kind in (SourceKind.LOCAL, SourceKind.S3) and _SHA256_DIGEST.fullmatch(src.digest)
+    if verifiable and read_digest != src.digest:
+        raise _err(
+            Aborted,
+            src.id,
+            "its files changed between plan and build (the bytes read do not match the planned "
+            f"digest {src.digest}); nothing was built, retry",
+            field,
+        )
     return LoraAdapter(id=src.id, config=config, modules=out, digest=src.digest)
+
+
+_SHA256_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")

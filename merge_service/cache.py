@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -368,7 +369,15 @@ class MergeCache:
         dropped = self.memory.put(entry)
         if self.metrics and dropped:
             self.metrics.cache_evictions.labels(tier="memory").inc(len(dropped))
+        self._forget_hits(dropped, still_in=lambda k: self.disk is not None and self.disk._meta(k).exists())
         self._update_gauges()
+
+    def _forget_hits(self, keys: list[str], still_in: Callable[[str], bool]) -> None:
+        """Prune the hit counts of entries gone from every tier (the counter grew without bound)."""
+        with self._lock:
+            for key in keys:
+                if not still_in(key):
+                    self._hits.pop(key, None)
 
     def put(self, entry: CacheEntry) -> None:
         """Store in both tiers. A disk failure is logged and leaves the memory tier serving."""
@@ -380,6 +389,7 @@ class MergeCache:
             except OSError as e:
                 log.warning("disk cache write failed", extra={"merge_key": entry.merge_key, "error": str(e)})
                 return
+            self._forget_hits(dropped, still_in=lambda k: k in self.memory)
             if self.metrics:
                 if dropped:
                     self.metrics.cache_evictions.labels(tier="disk").inc(len(dropped))

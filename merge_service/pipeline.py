@@ -93,6 +93,9 @@ class Plan:
     order: tuple[int, ...] = ()  # canonical merge order: indices into spec.adapters
     task_type: str | None = None
     input_bytes: int = 0
+    # The configs the plan read (spec.adapters order): callers reuse them instead of reading the files
+    # again (a second read could see other content, and would lose the spec's field names).
+    configs: tuple[AdapterConfig, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -225,6 +228,7 @@ class Merger:
             order=order,
             task_type=next((c.raw.get("task_type") for c in configs if c.raw.get("task_type")), None),
             input_bytes=input_bytes,
+            configs=tuple(configs),
         )
 
     def estimate_seconds(self, plan: Plan) -> float:

@@ -20,7 +20,6 @@ from loramerge_common.errors import FailedPrecondition, InvalidArgument, Loramer
 from loramerge_common.metrics import RpcMetrics
 from loramerge_common.rpc import rpc_method
 from merge_service import interference
-from merge_service.adapter import read_config
 from merge_service.cache import CacheEntry, MergeCache, check_key
 from merge_service.chunks import encode_data_chunk
 from merge_service.convert import module_stats, resolved_adapter, spec_from_proto, spec_to_proto
@@ -164,7 +163,7 @@ class MergeServicer(merge_pb2_grpc.MergeServiceServicer):
         self, request: merge_pb2.MergeRequest, context: grpc.aio.ServicerContext
     ) -> merge_pb2.PlanResponse:
         plan = await self._plan(request)
-        configs = await asyncio.to_thread(lambda: [read_config(s.path, s.id) for s in plan.sources])
+        configs = plan.configs  # as planned: no second read of the files
         report = None
         if request.interference:
             report = interference.to_proto(await asyncio.to_thread(interference.plan_interference, plan))

@@ -1,8 +1,16 @@
-"""Deadlines that span retries, and exponential backoff on UNAVAILABLE only.
+"""Deadlines that span retries, and exponential backoff on UNAVAILABLE (and server-side CANCELLED).
 
-Only UNAVAILABLE is retried: it means the request never reached a working server (connection
-refused, server restarting, overloaded proxy), so sending it again cannot do anything twice.
+UNAVAILABLE is retried: it means the request never reached a working server (connection refused,
+server restarting or draining, overloaded proxy), so sending it again cannot do anything twice.
+So is a CANCELLED this client did not ask for (its calls are cancelled only by their deadline, which
+reads DEADLINE_EXCEEDED): our servers never send it, but grpc core answers it for a call that
+races a server's shutdown (it drops calls that arrive after grpc's stop began, before any handler
+ran). ABORTED too: a build found an input rewritten since its plan and did nothing; the retry plans
+again. Every loramerge call is idempotent (plans, key-addressed merges, content-addressed pushes).
 DEADLINE_EXCEEDED, INTERNAL and the rest may have done work and are returned to the caller.
+
+The default budget (10 attempts, backoff up to 2 s: about 11 s in all, within the call's deadline)
+spans a drain and a replacement process starting on the same port.
 A retry never outlives the call's deadline: each attempt gets the time that is left.
 """
 
@@ -24,12 +32,14 @@ class RetryPolicy:
     """Backoff before attempt k+1 (k >= 1) is ``min(max_backoff, initial_backoff * multiplier**(k-1))``,
     scaled by a random factor in ``[1 - jitter, 1 + jitter]``."""
 
-    max_attempts: int = 5
+    max_attempts: int = 10
     initial_backoff: float = 0.1
-    max_backoff: float = 3.0
+    max_backoff: float = 2.0
     multiplier: float = 2.0
     jitter: float = 0.2
-    retry_codes: frozenset[grpc.StatusCode] = field(default=frozenset({grpc.StatusCode.UNAVAILABLE}))
+    retry_codes: frozenset[grpc.StatusCode] = field(
+        default=frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED})
+    )
 
     def backoff(self, attempt: int, rng: random.Random | None = None) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""

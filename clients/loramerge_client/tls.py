@@ -12,6 +12,10 @@ import grpc
 DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, int | str], ...] = (
     ("grpc.max_receive_message_length", 64 * 2**20),
     ("grpc.max_send_message_length", 64 * 2**20),
+    # grpc's own reconnect backoff grows to 120 s; capped, a restarted server is found within the
+    # retry budget (retry.RetryPolicy) instead of after it.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -56,3 +57,11 @@ def missing_weights_error(directory: Path, adapter_id: str, field: str = "adapte
     if (directory / PICKLED_WEIGHTS_FILE).exists():
         return pickled_only_error(adapter_id, field)
     return NotFound(f"adapter {shown(adapter_id)}: has no {WEIGHTS_FILE}", field=field)
+
+
+def content_digest(config_sha256: str, weights_sha256: str) -> str:
+    """The content digest of an adapter's two files, "sha256:" + sha256 of "<config name> <hex>\n<weights
+    name> <hex>\n": local and S3 sources use it (same bytes, same digest, same merge key), and builds
+    recompute it from the bytes they read."""
+    combined = f"{CONFIG_FILE} {config_sha256}\n{WEIGHTS_FILE} {weights_sha256}\n"
+    return "sha256:" + hashlib.sha256(combined.encode()).hexdigest()

@@ -48,7 +48,13 @@ from loramerge_common.errors import (
     Unavailable,
     shown,
 )
-from merge_service.sources.base import CONFIG_FILE, WEIGHTS_FILE, ResolvedSource, check_size
+from merge_service.sources.base import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    ResolvedSource,
+    check_size,
+    content_digest,
+)
 from merge_service.spec import AdapterRef, SourceKind
 
 log = logging.getLogger(__name__)
@@ -171,13 +177,6 @@ def version_key(loc: S3Location, config: ObjectVersion, weights: ObjectVersion) 
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
-
-
-def content_digest(config_sha256: str, weights_sha256: str) -> str:
-    """The content digest, "sha256:" + sha256 of "<config name> <hex>\n<weights name> <hex>\n": the
-    local source's formula, so the same bytes give the same digest (and merge key) from S3 or disk."""
-    combined = f"{CONFIG_FILE} {config_sha256}\n{WEIGHTS_FILE} {weights_sha256}\n"
-    return "sha256:" + hashlib.sha256(combined.encode()).hexdigest()
 
 
 def format_revision(config: ObjectVersion, weights: ObjectVersion) -> str:

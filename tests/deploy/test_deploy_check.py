@@ -521,6 +521,16 @@ def test_auth_component_shares_the_merge_token_between_server_and_client(
         assert server == client
         assert own[0] != server[0]
         assert "AUTH_TOKEN_FILE" not in yaml.safe_dump_all(rendered[overlay])
+        # Admin tokens: each service's own Secret, key "admin-token"; the inference pod sees only the
+        # merge Secret's user token.
+        merge_admin = config(docs, merge)["LORAMERGE_MERGE_ADMIN_TOKEN_FILE"]
+        assert _secret_behind(merge_spec, merge, merge_admin) == (server[0], "admin-token")
+        inf_admin = _secret_behind(inf_spec, inference, inf_env["LORAMERGE_INFERENCE_ADMIN_TOKEN_FILE"])
+        assert inf_admin == (own[0], "admin-token")
+        merge_volume = next(
+            v for v in inf_spec["volumes"] if (v.get("secret") or {}).get("secretName") == server[0]
+        )
+        assert [i["key"] for i in merge_volume["secret"]["items"]] == ["token"]
 
 
 @pytest.mark.parametrize(

@@ -72,8 +72,8 @@ def test_generate_stream_load_and_unload(
     assert inference.unload_adapter(resp.adapter.merge_key) is True
     assert resp.adapter.merge_key not in [a.merge_key for a in inference.list_adapters().adapters]
 
-    pushed = inference.load_adapter(fetched)  # pre-warm by push, then use it by merge key
-    assert pushed.merge_key == fetched.merge_key and not pushed.already_loaded
+    pushed = inference.load_adapter(fetched)  # a push is filed under its content key, not the merge key
+    assert pushed.merge_key == f"pushed:{fetched.sha256}" and not pushed.already_loaded
     by_key = inference.generate(PROMPT, sampling=GREEDY, merge_key=pushed.merge_key)
     assert by_key.token_ids == resp.token_ids
     assert inference.unload_adapter(pushed.merge_key)

@@ -4,6 +4,7 @@ the wire format: it knows the services only through reflection)."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import subprocess
@@ -110,8 +111,9 @@ def test_inference_service_recipes(env: dict[str, str], tmp_path: Path) -> None:
     (folder / "adapter_model.safetensors").write_bytes(data)
     pushed = recipe(env, "load_adapter.sh", str(folder), "recipe-pushed")
     assert pushed.returncode == 0, pushed.stderr
-    assert messages(pushed.stdout)[0]["merge_key"] == "recipe-pushed"
-    unload = recipe(env, "unload_adapter.sh", "recipe-pushed")
+    pushed_key = messages(pushed.stdout)[0]["merge_key"]  # the claimed key is ignored
+    assert pushed_key == "pushed:" + hashlib.sha256(data).hexdigest()
+    unload = recipe(env, "unload_adapter.sh", pushed_key)
     assert messages(unload.stdout)[0]["unloaded"] is True
 
     health = recipe(env, "health.sh")

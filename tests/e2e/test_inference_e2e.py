@@ -360,15 +360,20 @@ def test_request_errors_name_the_field(inference_stub):
 def test_push_use_unload(inference_stub, inference_service, adapter_root, tiny_llama):
     loaded = push(inference_stub, adapter_root / "b", merge_key="pushed-b")
     assert not loaded.already_loaded and loaded.name
-    assert push(inference_stub, adapter_root / "b", merge_key="pushed-b").already_loaded
-    r = generate(inference_stub, merge_key="pushed-b")
+    # The claimed key is ignored: a pushed adapter is filed under the sha256 of its bytes.
+    digest = hashlib.sha256((adapter_root / "b" / "adapter_model.safetensors").read_bytes()).hexdigest()
+    assert loaded.merge_key == f"pushed:{digest}"
+    assert push(inference_stub, adapter_root / "b", merge_key="another-claim").already_loaded
+    assert_code(grpc.StatusCode.NOT_FOUND, generate, inference_stub, merge_key="pushed-b")
+    r = generate(inference_stub, merge_key=loaded.merge_key)
     assert r.adapter.name == loaded.name and r.adapter.already_loaded
     assert list(r.token_ids) == peft_greedy(tiny_llama, adapter_root / "b", PROMPTS[0])
     folders = adapter_folders(inference_service)
 
     assert inference_stub.UnloadAdapter(I.UnloadAdapterRequest(name=loaded.name), timeout=30).unloaded
-    assert not inference_stub.UnloadAdapter(I.UnloadAdapterRequest(merge_key="pushed-b"), timeout=30).unloaded
-    assert_code(grpc.StatusCode.NOT_FOUND, generate, inference_stub, merge_key="pushed-b")
+    unload_again = I.UnloadAdapterRequest(merge_key=loaded.merge_key)
+    assert not inference_stub.UnloadAdapter(unload_again, timeout=30).unloaded
+    assert_code(grpc.StatusCode.NOT_FOUND, generate, inference_stub, merge_key=loaded.merge_key)
     assert len(adapter_folders(inference_service)) == len(folders) - 1
 
 

@@ -253,6 +253,9 @@ class Stack:
     cache_dir: Path
     adapter_dir: Path
     merge_restarts: int = 0
+    # Admin tokens (LoadAdapter, UnloadAdapter, Evict), distinct from the user tokens above.
+    merge_admin_token: str | None = None
+    inference_admin_token: str | None = None
     _channels: list[grpc.Channel] = field(default_factory=list)
 
     # -- clients --
@@ -281,6 +284,14 @@ class Stack:
     @property
     def inference_metadata(self) -> tuple[tuple[str, str], ...]:
         return bearer_metadata(self.inference_token) if self.inference_token else ()
+
+    @property
+    def merge_admin_metadata(self) -> tuple[tuple[str, str], ...]:
+        return bearer_metadata(self.merge_admin_token) if self.merge_admin_token else ()
+
+    @property
+    def inference_admin_metadata(self) -> tuple[tuple[str, str], ...]:
+        return bearer_metadata(self.inference_admin_token) if self.inference_admin_token else ()
 
     def merge_stub(self) -> merge_pb2_grpc.MergeServiceStub:
         """A stub on a new channel to the merge service itself (not through the proxy)."""
@@ -376,7 +387,14 @@ class Stack:
         pki = make_pki(root / "pki") if tls else None
         merge_token = secrets.token_urlsafe(24) if auth else None
         inference_token = secrets.token_urlsafe(24) if auth else None
-        for stem, token in (("merge", merge_token), ("inference", inference_token)):
+        merge_admin_token = secrets.token_urlsafe(24) if auth else None
+        inference_admin_token = secrets.token_urlsafe(24) if auth else None
+        for stem, token in (
+            ("merge", merge_token),
+            ("inference", inference_token),
+            ("merge-admin", merge_admin_token),
+            ("inference-admin", inference_admin_token),
+        ):
             if token:
                 (root / f"{stem}.token").write_text(token + "\n")
                 (root / f"{stem}.token").chmod(0o600)
@@ -392,6 +410,8 @@ class Stack:
             pki=pki,
             merge_token=merge_token,
             inference_token=inference_token,
+            merge_admin_token=merge_admin_token,
+            inference_admin_token=inference_admin_token,
             limits=limits,
             proxy=TcpProxy(),
             merge=None,  # type: ignore[arg-type]
@@ -457,6 +477,7 @@ def _merge_process(stack: Stack, *, log_name: str) -> ServiceProcess:
         argv += ["--tls-client-ca", str(stack.pki.ca_crt)]
     if stack.merge_token:
         argv += ["--auth-token-file", str(stack.root / "merge.token")]
+        argv += ["--admin-token-file", str(stack.root / "merge-admin.token")]
     env = _child_env()
     env.update(
         HF_TOKEN=HUB_TOKEN_MARKER,
@@ -501,6 +522,7 @@ def _inference_process(stack: Stack, *, log_name: str) -> ServiceProcess:
         argv += ["--merge-tls-cert", str(stack.pki.client_crt), "--merge-tls-key", str(stack.pki.client_key)]
     if stack.inference_token:
         argv += ["--auth-token-file", str(stack.root / "inference.token")]
+        argv += ["--admin-token-file", str(stack.root / "inference-admin.token")]
     if stack.merge_token:
         argv += ["--merge-auth-token-file", str(stack.root / "merge.token")]
     return ServiceProcess(

@@ -147,7 +147,7 @@ def test_merge_service_killed_mid_stream_then_restarted_the_fetch_resumes(harden
 
     # And it generates what a clean fetch of the same spec generates.
     stack.inference_stub().UnloadAdapter(
-        I.UnloadAdapterRequest(merge_key=key), metadata=stack.inference_metadata, timeout=30
+        I.UnloadAdapterRequest(merge_key=key), metadata=stack.inference_admin_metadata, timeout=30
     )
     clean = generate(stack, target)
     assert not clean.adapter.already_loaded
@@ -168,7 +168,7 @@ def test_corrupt_disk_cache_entry_is_rebuilt_across_the_hop(hardened_stack: Stac
     data_file.write_bytes(bytes(damaged))
     stack.restart_merge()
     stack.inference_stub().UnloadAdapter(
-        I.UnloadAdapterRequest(merge_key=key), metadata=stack.inference_metadata, timeout=30
+        I.UnloadAdapterRequest(merge_key=key), metadata=stack.inference_admin_metadata, timeout=30
     )
 
     again = generate(stack, target)

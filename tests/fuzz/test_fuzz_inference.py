@@ -269,7 +269,7 @@ def test_fuzz_load_adapter(inference_fuzz, pushed_stream: list[M.MergeChunk]) ->
     def push(damage: dict) -> None:
         kind, chunks = damage["kind"], damaged(pushed_stream, damage)
         try:
-            reply = stub.LoadAdapter(iter(chunks), metadata=stack.inference_metadata, timeout=60)
+            reply = stub.LoadAdapter(iter(chunks), metadata=stack.inference_admin_metadata, timeout=60)
         except grpc.RpcError as e:
             check_error(e, PUSH_FIELDS, chunks)
             outcomes[f"{kind}:{e.code().name}"] += 1
@@ -300,7 +300,7 @@ def test_fuzz_unload_and_list(inference_fuzz) -> None:
         before = names()
         request = I.UnloadAdapterRequest(merge_key=merge_key, name=name)
         try:
-            reply = stub.UnloadAdapter(request, metadata=stack.inference_metadata, timeout=30)
+            reply = stub.UnloadAdapter(request, metadata=stack.inference_admin_metadata, timeout=30)
         except grpc.RpcError as e:
             check_error(e, ("merge_key", "name"), [request])
             assert names() == before
@@ -324,3 +324,41 @@ def test_temperature_above_vllms_bound_is_invalid_argument(hardened_stack: Stack
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
     assert "sampling.temperature" in info.value.details() and "2.5" in info.value.details()
     check_error(info.value, ("sampling.temperature",), [request])
+
+
+def test_forged_pushes_never_change_what_a_spec_returns(inference_fuzz, pushed_stream) -> None:
+    """Pushes of other weights claiming the merge key Plan returned for a spec (or any key) are filed
+    under their own content key; a Generate for the spec still gets the merge service's adapter."""
+    stack, stub = inference_fuzz
+    spec = M.MergeSpec(adapters=[M.AdapterRef(id="a", weight=0.5), M.AdapterRef(id="b", weight=0.5)])
+    plan = M.MergeRequest(spec=normalize_spec(spec, MAX_LORA_RANK))
+    key = stack.merge_stub().Plan(plan, metadata=stack.merge_metadata, timeout=60).merge_key
+    greedy = I.SamplingParams(max_tokens=12, temperature=0)
+    request = I.GenerateRequest(prompt="The quick brown fox", merged_adapters=spec, sampling=greedy)
+    admin = stack.inference_admin_metadata
+    data = b"".join(c.data.data for c in pushed_stream if c.WhichOneof("item") == "data")
+    content_key = "pushed:" + hashlib.sha256(data).hexdigest()
+
+    def unload(merge_key: str) -> None:
+        stub.UnloadAdapter(I.UnloadAdapterRequest(merge_key=merge_key), metadata=admin, timeout=30)
+
+    unload(key)  # the spec not loaded: the forged push comes first
+    real = stub.Generate(request, metadata=stack.inference_metadata, timeout=120)
+    assert real.adapter.merge_key == key
+
+    @settings(FUZZ, max_examples=20)
+    @given(claim=st.one_of(st.just(key), st.just(content_key), TEXT), first=st.booleans())
+    def forge(claim: str, first: bool) -> None:
+        if first:
+            unload(key)
+        forged = [M.MergeChunk() for _ in pushed_stream]
+        for f, c in zip(forged, pushed_stream, strict=True):
+            f.CopyFrom(c)
+        next(c for c in forged if c.WhichOneof("item") == "header").header.merge_key = claim
+        reply = stub.LoadAdapter(iter(forged), metadata=admin, timeout=60)
+        assert reply.merge_key == content_key != key
+        got = stub.Generate(request, metadata=stack.inference_metadata, timeout=120)
+        assert got.adapter.merge_key == key and list(got.token_ids) == list(real.token_ids)
+
+    forge()
+    unload(content_key)

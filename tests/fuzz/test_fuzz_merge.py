@@ -140,7 +140,7 @@ def test_fuzz_list_cached_and_evict(merge_fuzz) -> None:
             return  # a valid "evict everything": not what this test is about
         request = M.EvictRequest(merge_key=key, all=all_)
         try:
-            reply = stub.Evict(request, metadata=stack.merge_metadata, timeout=30)
+            reply = stub.Evict(request, metadata=stack.merge_admin_metadata, timeout=30)
         except grpc.RpcError as e:
             check_error(e, ("merge_key",), [request])
             return

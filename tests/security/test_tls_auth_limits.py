@@ -113,5 +113,5 @@ def test_inference_service_limits(unchanged: Stack) -> None:
         base_model=str(stack.model),
     )
     chunks = [M.MergeChunk(header=header), M.MergeChunk(data=M.DataChunk(offset=0, data=b"\0" * 1024))]
-    err = exhausted(stub.LoadAdapter, iter(chunks), metadata=md, timeout=60)
+    err = exhausted(stub.LoadAdapter, iter(chunks), metadata=stack.inference_admin_metadata, timeout=60)
     assert str(too_big) in err.details() and fields(err) == ["header.total_bytes"]

@@ -178,3 +178,26 @@ def test_plan_past_its_deadline_is_deadline_exceeded(tmp_path):
 
     with pytest.raises(DeadlineExceeded, match="did not answer Plan within"):
         asyncio.run(fetch(Slow(), tmp_path, timeout=0.5, plan=True))
+
+
+class SlowBreak(Scripted):
+    """The header comes at once; the stream then stalls 0.4 s and breaks (the first time)."""
+
+    async def Merge(self, request, context):
+        self.requests.append(request)
+        offset = request.resume_offset
+        yield M.MergeChunk(header=M.MergeHeader(offset=offset, **HEADER))
+        if offset == 0:
+            yield M.MergeChunk(data=M.DataChunk(offset=0, data=DATA[:1000]))
+            await asyncio.sleep(0.4)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
+        for start in range(offset, len(DATA), 1000):
+            yield M.MergeChunk(data=M.DataChunk(offset=start, data=DATA[start : start + 1000]))
+        yield M.MergeChunk(trailer=M.MergeTrailer(total_bytes=len(DATA), sha256=HEADER["sha256"]))
+
+
+def test_header_ms_of_a_resumed_fetch_is_taken_at_the_header(tmp_path):
+    """The time to the header is when the header came, not when the stream later broke."""
+    got = asyncio.run(fetch(SlowBreak(), tmp_path))
+    assert got.resumed == 1
+    assert got.received.header_ms < 300 <= got.received.transfer_ms, got.received

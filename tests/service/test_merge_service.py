@@ -479,3 +479,24 @@ def test_plan_reports_interference_matching_dense_deltas(served, adapter_root: P
     assert list(rep.adapter_norms) == pytest.approx([float(da.norm()), float(db.norm())], rel=1e-4)
     assert rep.density == pytest.approx(0.2) and 0 <= pair.overall.sign_conflict <= 1
     assert resp.merge_key == plain.merge_key
+
+
+def test_plan_answers_from_the_configs_it_planned(served, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plan's response uses the configs the plan read, not a second read of the files (which could see
+    other content, and named no spec field in its errors)."""
+    import merge_service.adapter as adapter_module
+    import merge_service.pipeline as pipeline_module
+
+    _, _, stub = served
+    reads: list[str] = []
+    real = pipeline_module.read_config
+
+    def counting(path, adapter_id, field="adapter"):
+        reads.append(field)
+        return real(path, adapter_id, field)
+
+    monkeypatch.setattr(pipeline_module, "read_config", counting)
+    monkeypatch.setattr(adapter_module, "read_config", counting)
+    reply = stub.Plan(P.MergeRequest(spec=spec_msg(("a", 0.5), ("b", 0.25))), timeout=60)
+    assert [a.id for a in reply.adapters] == ["a", "b"] and all(a.rank for a in reply.adapters)
+    assert reads == ["spec.adapters[0]", "spec.adapters[1]"]

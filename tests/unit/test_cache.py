@@ -159,3 +159,20 @@ def test_evict_one_and_all(tmp_path: Path) -> None:
 def test_keys_that_are_not_file_names_are_refused(key: str) -> None:
     with pytest.raises(InvalidArgument, match="merge_key"):
         check_key(key)
+
+
+def test_hit_counts_are_pruned_with_their_entries(tmp_path: Path) -> None:
+    """An entry the LRU drops from every tier takes its hit count with it (it used to stay forever)."""
+    keys = [f"{i:064x}" for i in range(20)]
+    cache = MergeCache(memory_bytes=250)
+    for k in keys:
+        cache.put(entry(k, 100))
+        assert cache.get(k) is not None
+    assert set(cache._hits) <= set(cache.memory.list_keys()) and len(cache._hits) <= 2
+
+    tiered = MergeCache(memory_bytes=250, disk_dir=tmp_path, disk_bytes=450)
+    for k in keys:
+        tiered.put(entry(k, 100))
+        assert tiered.get(k) is not None
+    cached = {c.merge_key for c in tiered.entries()}
+    assert set(tiered._hits) <= cached and len(tiered._hits) <= 4

@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 from pathlib import Path
 
+import grpc
 import pytest
 from loramerge.v1 import merge_pb2 as M
 from prometheus_client import CollectorRegistry
@@ -18,8 +20,8 @@ from prometheus_client import CollectorRegistry
 from inference_service.merge_client import Fetched
 from inference_service.metrics import InferenceMetrics
 from inference_service.receiver import AdapterLimits, AdapterWriter, Received
-from inference_service.registry import AdapterRegistry
-from loramerge_common.errors import InvalidArgument, Unavailable
+from inference_service.registry import AdapterRegistry, pushed_key
+from loramerge_common.errors import DeadlineExceeded, InvalidArgument, LoramergeError, Unavailable
 from loramerge_common.metrics import sample_value
 
 LIMITS = AdapterLimits(base_model="base", max_rank=16, max_bytes=10_000)
@@ -66,7 +68,10 @@ class FakeMergeService:
     ) -> Fetched:
         self.calls += 1
         if self.gate is not None:
-            await self.gate.wait()
+            try:  # like the real fetcher: bounded by the deadline it was given
+                await asyncio.wait_for(self.gate.wait(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise DeadlineExceeded("deadline exceeded", field="spec") from None
         if self.fail_with is not None:
             raise self.fail_with
         key = self.keys.get(spec.adapters[0].id, spec.adapters[0].id)
@@ -277,6 +282,9 @@ def test_releasing_leases_shrinks_a_registry_left_over_its_bound(tmp_path):
     asyncio.run(main())
 
 
+P = pushed_key(hashlib.sha256(b"p" * 10).hexdigest())  # what pushed("p") is filed under
+
+
 async def pushed(key: str):
     """A LoadAdapter stream (Merge chunk format) of a tiny adapter with merge key ``key``."""
     data = key.encode() * 10
@@ -300,13 +308,85 @@ def test_a_release_spares_adapters_not_used_yet(tmp_path):
         first = await registry.for_spec(spec("a"))
         await registry.load_pushed(pushed("p"))  # a is in use: over the bound
         second = await registry.for_spec(spec("a"))  # a is the most recently used now
-        assert [e.merge_key for e in registry.entries()] == ["p", "a"]
+        assert [e.merge_key for e in registry.entries()] == [P, "a"]
         await first.__aexit__(None, None, None)  # a still held, p never used: nothing to evict
-        assert [e.merge_key for e in registry.entries()] == ["p", "a"]
+        assert [e.merge_key for e in registry.entries()] == [P, "a"]
         await second.__aexit__(None, None, None)
-        assert [e.merge_key for e in registry.entries()] == ["p"] and len(engine.loaded) == 1
+        assert [e.merge_key for e in registry.entries()] == [P] and len(engine.loaded) == 1
         async with await registry.for_spec(spec("b")):
             pass
         assert [e.merge_key for e in registry.entries()] == ["b"] and folders(registry) == 1
+
+    asyncio.run(main())
+
+
+def test_a_pushed_adapter_cannot_impersonate_a_merge(tmp_path):
+    """A push claiming the merge key of a spec is filed under its own content key; the spec still gets
+    the merge service's adapter, and the pushed one is served only by its pushed key or name."""
+
+    async def main():
+        registry, _, merges, _ = make(tmp_path)
+        forged = await registry.load_pushed(pushed("a"))  # "a" is the key the merge service gives spec a
+        assert forged.entry.merge_key == pushed_key(hashlib.sha256(b"a" * 10).hexdigest())
+        assert forged.entry.name.startswith("pushed-")
+        async with await registry.for_spec(spec("a")) as lease:
+            assert lease.entry.merge_key == "a" and lease.entry is not forged.entry
+            assert not lease.already_loaded and merges.calls == 1
+        with pytest.raises(Exception, match="is not loaded"):
+            registry.for_key(hashlib.sha256(b"a" * 10).hexdigest())  # the bare digest is no key either
+        async with registry.for_key(forged.entry.merge_key) as lease:
+            assert lease.entry is forged.entry
+        assert registry.get(name=forged.entry.name) is forged.entry
+
+    asyncio.run(main())
+
+
+def test_a_merge_key_in_the_pushed_namespace_is_a_server_fault(tmp_path):
+    async def main():
+        registry, _, merges, _ = make(tmp_path)
+        merges.keys["x"] = "pushed:" + "0" * 64
+        with pytest.raises(LoramergeError) as info:
+            await registry.for_spec(spec("x"))
+        assert info.value.code == grpc.StatusCode.INTERNAL and info.value.field == "header.merge_key"
+        assert folders(registry) == 0
+
+    asyncio.run(main())
+
+
+def test_joiners_keep_their_own_deadline_and_field_names(tmp_path):
+    """A joiner of a single-flight fetch is bounded by its own deadline, not the first caller's: the
+    first caller's short deadline fails only the first caller, and the joiner fetches again. Each
+    caller's error names fields its own way."""
+
+    async def main():
+        registry, _, merges, _ = make(tmp_path)
+        merges.gate = asyncio.Event()
+        now = time.monotonic()
+        first = asyncio.create_task(registry.for_spec(spec("a"), deadline=now + 0.2))
+        await asyncio.sleep(0.05)
+        joiner = asyncio.create_task(registry.for_spec(spec("a"), deadline=now + 30))
+        with pytest.raises(DeadlineExceeded):
+            await first
+        await asyncio.sleep(0.1)
+        assert not joiner.done()
+        merges.gate.set()
+        async with await joiner as usage:
+            assert usage.entry.merge_key == "a"
+
+        merges.fail_with = InvalidArgument("spec.density must be in (0, 1]", field="spec.density")
+        merges.gate = asyncio.Event()
+        mine = asyncio.create_task(registry.for_spec(spec("b")))
+        await asyncio.sleep(0.05)
+        theirs = asyncio.create_task(
+            registry.for_spec(spec("b"), field_namer=lambda f: f.replace("spec", "recipe", 1))
+        )
+        await asyncio.sleep(0.05)
+        merges.gate.set()
+        with pytest.raises(InvalidArgument) as a:
+            await mine
+        with pytest.raises(InvalidArgument) as b:
+            await theirs
+        assert a.value.field == "merged_adapters.density" and "merged_adapters.density" in a.value.message
+        assert b.value.field == "recipe.density" and "recipe.density" in b.value.message
 
     asyncio.run(main())

@@ -272,3 +272,25 @@ def test_delta_dense_helper() -> None:
 
     p = Part(A=torch.ones(2, 3), B=torch.ones(4, 2), scale=0.5)
     assert torch.equal(delta_dense(p), torch.full((4, 3), 1.0))
+
+
+def test_an_adapter_rewritten_between_plan_and_build_is_aborted(tmp_path: Path, tiny_llama: Path) -> None:
+    """Same shapes, other values: the build hashes what it reads, sees the planned digest is gone and
+    fails ABORTED (retryable); a new plan gives a new key, and its build reads the new bytes."""
+    import shutil
+
+    from loramerge_common.errors import Aborted
+
+    root = tmp_path / "adapters"
+    make_adapter(root / "a", tiny_llama, r=8, alpha=16, seed=1)
+    make_adapter(root / "b", tiny_llama, r=4, alpha=8, seed=2)
+    merger = Merger(SourceResolver(root), device="cpu")
+    plan = merger.plan(spec(("a", 0.5), ("b", 0.5)))
+    shutil.rmtree(root / "a")
+    make_adapter(root / "a", tiny_llama, r=8, alpha=16, seed=7)  # same shapes, different weights
+    with pytest.raises(Aborted, match="changed between plan and build") as info:
+        merger.build(plan)
+    assert info.value.field == "spec.adapters[0]"
+    replanned = merger.plan(spec(("a", 0.5), ("b", 0.5)))
+    assert replanned.merge_key != plan.merge_key
+    assert merger.build(replanned).data
