@@ -8,7 +8,6 @@ Prometheus registry and drain: once health is NOT_SERVING every new call gets 50
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import socket
@@ -23,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from inference_service.dataplane import DataPlane
 from inference_service.http_errors import HttpError, lorax_error, openai_error
+from loramerge_common.auth import Denial, TokenAuth
 from loramerge_common.errors import LoramergeError
 
 log = logging.getLogger(__name__)
@@ -34,8 +34,7 @@ OPEN_PATHS = frozenset({"/health", "/live", "/ready"})
 class HttpOptions:
     listen: str
     max_body_bytes: int
-    token: str | None = None
-    admin_token: str | None = None
+    auth: TokenAuth | None = None  # the gRPC server's user and admin tokens
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
@@ -65,10 +64,6 @@ def is_openai(path: str) -> bool:
 def api_error(path: str, status: int, message: str, param: str | None = None) -> JSONResponse:
     """The error in the shape of the API that ``path`` belongs to."""
     return openai_error(status, message, param) if is_openai(path) else lorax_error(status, message)
-
-
-def bearer_ok(header: str | None, token: str) -> bool:
-    return hmac.compare_digest((header or "").encode(), f"Bearer {token}".encode())
 
 
 async def read_json(request: Request, limit: int) -> object:
@@ -134,15 +129,20 @@ class HttpFrontEnd:
             response = api_error(
                 path, 503, "the inference service is not serving (starting or draining); retry"
             )
-        elif self.options.token and not bearer_ok(request.headers.get("authorization"), self.options.token):
+        elif denial := self._denied(request):
             response = api_error(
-                path, 401, "missing or invalid bearer token (header 'Authorization: Bearer <token>')"
+                path, denial.http_status, f"{denial.message} (header 'Authorization: Bearer …')"
             )
         else:
             response = await call_next(request)
         self.metrics.requests.labels(route=route, code=str(response.status_code)).inc()
         self.metrics.seconds.labels(route=route).observe(time.perf_counter() - t0)
         return response
+
+    def _denied(self, request: Request) -> Denial | None:
+        # No HTTP route is an admin operation (pushing, unloading and evicting are gRPC-only).
+        auth = self.options.auth
+        return auth.check(request.headers.get("authorization"), admin=False) if auth else None
 
     async def _live(self) -> dict:
         return {"status": "alive"}

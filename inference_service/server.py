@@ -34,7 +34,7 @@ from inference_service.recipes import RecipeBook, load_recipes
 from inference_service.registry import AdapterRegistry
 from inference_service.servicer import InferenceServicer
 from inference_service.settings import InferenceSettings
-from loramerge_common.auth import load_token
+from loramerge_common.auth import TokenAuth, load_token
 from loramerge_common.errors import Unavailable
 from loramerge_common.metrics import RpcMetrics
 from loramerge_common.server import GrpcServer, Service
@@ -200,13 +200,21 @@ def http_front_end(
     options = HttpOptions(
         listen=settings.http_listen,
         max_body_bytes=settings.max_receive_message_bytes,
-        token=load_token(settings.auth_token, settings.auth_token_file),
+        auth=TokenAuth(
+            load_token(settings.auth_token, settings.auth_token_file),
+            load_token(settings.admin_token, settings.admin_token_file),
+        ),
         tls_cert=str(settings.tls_cert) if settings.tls_cert else None,
         tls_key=str(settings.tls_key) if settings.tls_key else None,
         tls_client_ca=str(settings.tls_client_ca) if settings.tls_client_ca else None,
         grace_seconds=settings.grace_seconds,
     )
-    return HttpFrontEnd(plane, options, serving=lambda: server.health.status() == SERVING, registry=registry)
+    return HttpFrontEnd(
+        plane,
+        options,
+        serving=lambda: server.health.status() == SERVING and not server.drain.draining,
+        registry=registry,
+    )
 
 
 def write_ready_file(path: Path, server: GrpcServer, http: HttpFrontEnd | None = None) -> None:
