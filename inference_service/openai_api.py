@@ -248,14 +248,10 @@ def openai_router(front: HttpFrontEnd) -> APIRouter:
             raise domain(e, chat=False) from e
         rid, created = f"cmpl-{req.request_id}", int(time.time())
         if not body.stream:
-            texts, logprobs, last = [], [], first
-            async for step in _chain(first, steps):
-                texts.append(step.text)
-                logprobs.extend(step.logprobs)
-                last = step
+            text, logprobs, last = await collect(first, steps)
             choice = CompletionResponseChoice(
                 index=0,
-                text="".join(texts),
+                text=text,
                 logprobs=completion_logprobs(logprobs, 0) if req.logprobs else None,
                 finish_reason=last.finish_reason,
                 stop_reason=last.stop_reason,
@@ -324,14 +320,10 @@ def openai_router(front: HttpFrontEnd) -> APIRouter:
             raise domain(e, chat=True) from e
         rid, created = f"chatcmpl-{req.request_id}", int(time.time())
         if not body.stream:
-            texts, logprobs, last = [], [], first
-            async for step in _chain(first, steps):
-                texts.append(step.text)
-                logprobs.extend(step.logprobs)
-                last = step
+            text, logprobs, last = await collect(first, steps)
             choice = ChatCompletionResponseChoice(
                 index=0,
-                message=ChatMessage(role="assistant", content="".join(texts)),
+                message=ChatMessage(role="assistant", content=text),
                 logprobs=chat_logprobs(logprobs) if req.logprobs else None,
                 finish_reason=last.finish_reason,
                 stop_reason=last.stop_reason,
@@ -390,6 +382,16 @@ def message_text(message, index: int) -> str:
             )
         texts.append(part.get("text", ""))
     return "".join(texts)
+
+
+async def collect(first: Step, rest: AsyncIterator[Step]) -> tuple[str, list[TokenLogprob], Step]:
+    """A whole generation: its text, its token logprobs and its last step."""
+    texts, logprobs, last = [], [], first
+    async for step in _chain(first, rest):
+        texts.append(step.text)
+        logprobs.extend(step.logprobs)
+        last = step
+    return "".join(texts), logprobs, last
 
 
 async def _chain(first: Step, rest: AsyncIterator[Step]) -> AsyncIterator[Step]:
