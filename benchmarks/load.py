@@ -240,9 +240,9 @@ def _forget(stack: Stack, specs: list[M.MergeSpec]) -> list[str]:
     for spec in specs:
         request = M.MergeRequest(spec=normalize_spec(spec, MAX_LORA_RANK))
         key = merge.Plan(request, metadata=stack.merge_metadata, timeout=60).merge_key
-        merge.Evict(M.EvictRequest(merge_key=key), metadata=stack.merge_metadata, timeout=60)
+        merge.Evict(M.EvictRequest(merge_key=key), metadata=stack.merge_admin_metadata, timeout=60)
         inference.UnloadAdapter(
-            I.UnloadAdapterRequest(merge_key=key), metadata=stack.inference_metadata, timeout=60
+            I.UnloadAdapterRequest(merge_key=key), metadata=stack.inference_admin_metadata, timeout=60
         )
         keys.append(key)
     return keys

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from inference_service.recipes import RecipeBook, RecipeError, load_recipes
+from inference_service.recipes import RecipeError, load_recipes
 from inference_service.server import EngineDied, serve
 from inference_service.settings import ENV_PREFIX, InferenceSettings
 from loramerge_common.logs import setup_logging
@@ -31,12 +31,12 @@ def main(argv: list[str] | None = None) -> None:
     if not settings.model:
         sys.exit("loramerge-inference-service: --model (LORAMERGE_INFERENCE_MODEL) is required")
     try:
-        recipes = load_recipes(settings.recipes)
+        load_recipes(settings.recipes)  # checked before anything starts: one line naming recipe and field
     except RecipeError as e:
         sys.exit(f"loramerge-inference-service: {e}")
     setup_logging(settings.log_level, settings.log_format)
     try:
-        asyncio.run(serve(settings, recipes=RecipeBook(recipes)))
+        asyncio.run(serve(settings))
     except EngineDied as e:
         print(f"loramerge-inference-service: {e}", file=sys.stderr)
         sys.exit(EXIT_ENGINE_DIED)

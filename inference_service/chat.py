@@ -7,10 +7,13 @@ guessing a format would produce prompts the model was never trained on.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 from loramerge_common.errors import InvalidArgument, shown
+
+log = logging.getLogger(__name__)
 
 MAX_MESSAGES = 1024
 
@@ -23,12 +26,16 @@ class ChatTemplate:
         self.template = template
 
     @classmethod
-    def load(cls, model: str, template_file: Path | None = None) -> ChatTemplate:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model)
-        template = template_file.read_text() if template_file is not None else tokenizer.chat_template
-        return cls(tokenizer, template or None)
+    def for_engine(cls, engine, template_file: Path | None = None) -> ChatTemplate:
+        """The template of the tokenizer vLLM itself loaded (no second load, nothing fetched), or the
+        file's; without a tokenizer the service serves on and refuses chat requests."""
+        template = template_file.read_text() if template_file is not None else None
+        try:
+            tokenizer = engine.tokenizer()
+        except Exception:
+            log.warning("the engine has no tokenizer: chat requests will be refused", exc_info=True)
+            return cls(None, None)
+        return cls(tokenizer, template or getattr(tokenizer, "chat_template", None) or None)
 
     @property
     def available(self) -> bool:
@@ -36,10 +43,10 @@ class ChatTemplate:
 
     @property
     def special_ids(self) -> frozenset[int]:
-        return frozenset(self._tokenizer.all_special_ids)
+        return frozenset(self._tokenizer.all_special_ids) if self._tokenizer is not None else frozenset()
 
     def token_text(self, token_id: int) -> str:
-        return self._tokenizer.decode([token_id])
+        return self._tokenizer.decode([token_id]) if self._tokenizer is not None else ""
 
     def encode(self, text: str) -> list[int]:
         """Token ids of rendered chat text; the template wrote any special tokens itself."""

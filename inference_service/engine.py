@@ -197,6 +197,7 @@ class Engine:
             raise Unavailable("the vLLM engine has died; the service must be restarted")
 
     def tokenizer(self):
+        """The Hugging Face tokenizer vLLM loaded for the base model (chat templates, token texts)."""
         return self._llm.get_tokenizer()
 
     def shutdown(self) -> None:

@@ -156,7 +156,7 @@ async def serve(
             default_timeout=settings.merge_timeout_seconds,
             metrics=metrics,
         )
-        chat = await asyncio.to_thread(ChatTemplate.load, settings.model, settings.chat_template)
+        chat = ChatTemplate.for_engine(engine, settings.chat_template)
         servicer.attach(engine, adapters, chat)
         await server.health.set_serving(True)
         watchdog = asyncio.ensure_future(_watchdog(engine, server))

@@ -381,13 +381,14 @@ def test_least_recently_used_adapters_are_evicted_from_vllm_and_disk(
     inference_stub, inference_service, tiny_llama, tmp_path
 ):
     bound = listed(inference_stub).max_loaded
-    keys = [f"evict-{i}" for i in range(bound + 2)]
-    for i, key in enumerate(keys):
-        push(
+    keys = []  # pushed adapters are filed under the sha256 of their bytes, whatever the header claims
+    for i in range(bound + 2):
+        pushed = push(
             inference_stub,
-            make_adapter(tmp_path / key, tiny_llama, r=4, alpha=8, seed=100 + i),
-            merge_key=key,
+            make_adapter(tmp_path / f"evict-{i}", tiny_llama, r=4, alpha=8, seed=100 + i),
+            merge_key=f"evict-{i}",
         )
+        keys.append(pushed.merge_key)
     now = listed(inference_stub)
     assert len(now.adapters) == bound
     assert len(adapter_folders(inference_service)) == bound

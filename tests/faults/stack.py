@@ -497,6 +497,7 @@ def _inference_process(stack: Stack, *, log_name: str) -> ServiceProcess:
         sys.executable, "-m", "inference_service",
         "--model", str(stack.model),
         "--listen", "127.0.0.1:0",
+        "--http-listen", "127.0.0.1:0",
         "--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1",
         "--merge-service", stack.proxy.address,
         "--adapter-dir", str(stack.adapter_dir),

@@ -88,6 +88,7 @@ async def start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **overrides):
     settings = InferenceSettings(
         model="m",
         listen="127.0.0.1:0",
+        http_listen="127.0.0.1:0",
         metrics_port=0,
         merge_service=f"127.0.0.1:{merge_port}",
         adapter_dir=tmp_path / "adapters",
