@@ -25,6 +25,7 @@ import grpc
 import grpc.aio
 
 from loramerge_common.metrics import RpcMetrics
+from loramerge_common.rpc import handler_like
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 REFLECTION_PREFIXES = (
@@ -123,17 +124,7 @@ def _deny_handler(
     async def deny(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(code, message)
 
-    kw = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(deny, **kw)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(deny, **kw)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(deny, **kw)
-    return grpc.unary_unary_rpc_method_handler(deny, **kw)
+    return handler_like(handler, deny)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):

@@ -27,6 +27,7 @@ import grpc.aio
 
 from loramerge_common.auth import HEALTH_PREFIX, REFLECTION_PREFIXES
 from loramerge_common.metrics import RpcMetrics
+from loramerge_common.rpc import handler_like
 
 DRAINING_MESSAGE = "the server is shutting down; retry (another replica or this one after restart)"
 
@@ -127,17 +128,7 @@ def _refuse(handler: grpc.RpcMethodHandler, retry_after_seconds: int) -> grpc.Rp
         context.set_trailing_metadata((("retry-after", str(retry_after_seconds)),))
         await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
 
-    kw = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse, **kw)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse, **kw)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(refuse, **kw)
-    return grpc.unary_unary_rpc_method_handler(refuse, **kw)
+    return handler_like(handler, refuse)
 
 
 class DrainInterceptor(grpc.aio.ServerInterceptor):

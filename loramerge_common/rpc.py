@@ -135,3 +135,19 @@ def rpc_method(fn: F) -> F:
                 metrics.seconds.labels(method=method).observe(time.perf_counter() - t0)
 
     return unary_wrapper  # type: ignore[return-value]
+
+
+def handler_like(handler: grpc.RpcMethodHandler, behaviour: Callable[..., Any]) -> grpc.RpcMethodHandler:
+    """A method handler of ``handler``'s kind (unary/streaming each way, same serializers) that runs
+    ``behaviour`` instead: how interceptors answer a call without reaching the servicer."""
+    kw = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(behaviour, **kw)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(behaviour, **kw)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(behaviour, **kw)
+    return grpc.unary_unary_rpc_method_handler(behaviour, **kw)
