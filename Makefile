@@ -25,8 +25,10 @@ help:
 
 setup: $(VENV)/.setup-done $(BUF)
 
-$(VENV)/.setup-done: pyproject.toml
+$(VENV)/.setup-done: pyproject.toml clients/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
+	@# The client distribution first: the services depend on it for the contract.
+	$(BIN)/pip install -q -e './clients[eval]'
 	$(BIN)/pip install -q -e '.[$(VLLM_EXTRA),dev]'
 	@# The unmodified LoRAX client the HTTP tests drive; --no-deps because its exact certifi and
 	@# huggingface-hub<1.0 pins would disturb ours (its aiohttp, pydantic, requests are already here).
@@ -41,6 +43,7 @@ RUNTIME_EXTRAS ?= $(VLLM_EXTRA),s3
 
 install-runtime:
 	test -x $(PY) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q ./clients
 	$(BIN)/pip install -q '.[$(RUNTIME_EXTRAS)]'
 	$(if $(findstring gpu,$(RUNTIME_EXTRAS)),true,$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true)
 
@@ -49,7 +52,8 @@ $(BUF):
 	npm install --silent --no-audit --no-fund --prefix $(TOOLS) @bufbuild/buf@1.75.0
 
 proto: setup
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos --grpc_python_out=protos \
+	@# Sources in protos/, the generated Python in the client distribution that owns the contract.
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=clients --pyi_out=clients --grpc_python_out=clients \
 		protos/loramerge/v1/*.proto
 
 proto-check: setup

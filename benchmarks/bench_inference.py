@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import grpc
+
 from loramerge.v1 import inference_pb2, inference_pb2_grpc, merge_pb2
 
 REPO = Path(__file__).resolve().parents[1]

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from benchmarks.report import table
+from loramerge.peft import CONFIG_FILE, WEIGHTS_FILE
 
 NAMES = ("a0", "a1", "a2", "a3")
 WEIGHTS = (1.0, 0.8, 0.6, 0.5)
@@ -105,7 +106,7 @@ def write_adapters(root: Path, layers: int, shapes: Shapes, seed: int = 0) -> in
             tensors[f"{prefix}.lora_B.weight"] = b.to(torch.bfloat16)
         folder = root / name
         folder.mkdir(parents=True)
-        save_file(tensors, str(folder / "adapter_model.safetensors"))
+        save_file(tensors, str(folder / WEIGHTS_FILE))
         config = {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
@@ -118,7 +119,7 @@ def write_adapters(root: Path, layers: int, shapes: Shapes, seed: int = 0) -> in
             "use_dora": False,
             "lora_dropout": 0.0,
         }
-        (folder / "adapter_config.json").write_text(json.dumps(config))
+        (folder / CONFIG_FILE).write_text(json.dumps(config))
         total += sum(p.stat().st_size for p in folder.iterdir())
     return total
 

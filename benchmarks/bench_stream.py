@@ -11,7 +11,7 @@
    without sha256 compare the transports; rows with it hash incrementally on both sides, as the real
    receivers do before they accept an adapter. gRPC is received four ways: the generated stub
    (protobuf parses each chunk and ``chunk.data.data`` copies it), ``merge_method`` (data chunks as
-   views into the received message, merge_service/chunks.py; what the inference service uses),
+   views into the received message, clients/loramerge/stream.py; what the inference service uses),
    ``merge_method`` with sha256, and the client library's ``MergeClient.merge`` (verified; paired with
    the hashing socket run, though it does more: it returns the adapter as one new ``bytes`` each time,
    whose pages fault in afresh, where the others reuse one buffer).
@@ -47,6 +47,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+
+from loramerge.peft import CONFIG_FILE, WEIGHTS_FILE
 from loramerge.v1 import merge_pb2, merge_pb2_grpc
 
 MiB = 1 << 20
@@ -137,7 +139,7 @@ def write_adapter(
             tensors[f"{base}.lora_A.weight"] = torch.randn(rank, dim, generator=gen) / dim**0.5
             tensors[f"{base}.lora_B.weight"] = torch.randn(dim, rank, generator=gen) * 0.01
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"))
+    save_file(tensors, str(out / WEIGHTS_FILE))
     config = {
         "peft_type": "LORA",
         "r": rank,
@@ -147,7 +149,7 @@ def write_adapter(
         "bias": "none",
         "task_type": "CAUSAL_LM",
     }
-    (out / "adapter_config.json").write_text(json.dumps(config))
+    (out / CONFIG_FILE).write_text(json.dumps(config))
     return out
 
 
@@ -257,9 +259,8 @@ def minor_faults(pid: int) -> int:
 
 def _receivers(job: dict[str, Any]) -> dict[str, Callable[[bytearray], bytes | None]]:
     """One function per variant: receive the adapter into ``out``; the sha256 digest where hashed."""
+    from loramerge.stream import DataView, merge_method
     from loramerge_client import MergeClient
-
-    from merge_service.chunks import DataView, merge_method
 
     options = [("grpc.max_receive_message_length", 64 * MiB)]
     channel = grpc.insecure_channel(job["address"], options=options)

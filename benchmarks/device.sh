@@ -18,7 +18,7 @@ BUDGET_S=${BUDGET_S:-480}
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-export PYTHONPATH="$PWD:$PWD/protos:$PWD/clients${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD:$PWD/clients${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1
 start=$(date +%s)
 left() { echo $((BUDGET_S - ($(date +%s) - start))); }

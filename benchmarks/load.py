@@ -32,9 +32,9 @@ from pathlib import Path
 
 import grpc
 import grpc.aio
-from loramerge.v1 import inference_pb2, inference_pb2_grpc, merge_pb2
 
 from inference_service.specs import normalize_spec
+from loramerge.v1 import inference_pb2, inference_pb2_grpc, merge_pb2
 from tests.faults.stack import MAX_LOADED_ADAPTERS, MAX_LORA_RANK, Stack
 
 I = inference_pb2  # noqa: E741

@@ -23,6 +23,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from demo.assets import CONFLICTING_PAIR, MERGEABLE_PAIR, REPO_ROOT, VARIANTS, DemoAssets
+from demo.cache import ensure_assets
+from demo.serve import interrupt_on_sigterm
+from demo.services import DemoServices, running
 from loramerge_client.aio import AsyncInferenceClient
 from loramerge_client.eval import (
     Config,
@@ -32,11 +36,6 @@ from loramerge_client.eval import (
     merged_config,
     single_configs,
 )
-
-from demo.assets import CONFLICTING_PAIR, MERGEABLE_PAIR, REPO_ROOT, VARIANTS, DemoAssets
-from demo.cache import ensure_assets
-from demo.serve import interrupt_on_sigterm
-from demo.services import DemoServices, running
 
 STRATEGIES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 SPACES = ("delta", "factors")

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from loramerge_common.errors import InvalidArgument, shown
+from loramerge.errors import InvalidArgument, shown
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,6 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from loramerge.v1 import inference_pb2
-
 from inference_service import sampling
 from inference_service.chat import ChatTemplate
 from inference_service.engine import Engine
@@ -23,7 +21,8 @@ from inference_service.metrics import InferenceMetrics
 from inference_service.recipes import RecipeBook
 from inference_service.registry import AdapterRegistry, Lease, Usage
 from inference_service.specs import single_adapter_field, single_adapter_spec
-from loramerge_common.errors import InvalidArgument, Unavailable
+from loramerge.errors import InvalidArgument, Unavailable
+from loramerge.v1 import inference_pb2
 
 log = logging.getLogger(__name__)
 

@@ -13,11 +13,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from loramerge.v1 import inference_pb2
-
 from inference_service.settings import KV_CACHE_CPU_DEFAULT, EngineSettings
 from inference_service.zero_adapter import ZERO_ADAPTER_NAME, write_zero_adapter
-from loramerge_common.errors import InvalidArgument, ResourceExhausted, Unavailable, shown
+from loramerge.errors import InvalidArgument, ResourceExhausted, Unavailable, shown
+from loramerge.v1 import inference_pb2
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 from fastapi.responses import JSONResponse
 
-from loramerge_common.errors import LoramergeError
+from loramerge.errors import LoramergeError
 
 RETRY_AFTER_SECONDS = "1"
 

@@ -22,8 +22,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from inference_service.dataplane import DataPlane
 from inference_service.http_errors import HttpError, lorax_error, openai_error
+from loramerge.errors import LoramergeError
 from loramerge_common.auth import Denial, TokenAuth
-from loramerge_common.errors import LoramergeError
 
 log = logging.getLogger(__name__)
 

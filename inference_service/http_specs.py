@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from google.protobuf import json_format
-from loramerge.v1 import merge_pb2
 
 from inference_service.http_errors import HttpError
-from loramerge_common.errors import shown
+from loramerge.errors import shown
+from loramerge.v1 import merge_pb2
 
 _ENUM_FIELDS = ("merge_strategy", "majority_sign_method", "space", "dtype")
 

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from loramerge.v1 import inference_pb2, merge_pb2
 from pydantic import BaseModel, ConfigDict, ValidationError
 from sse_starlette import EventSourceResponse
 
@@ -21,7 +20,8 @@ from inference_service.http_errors import HttpError, http_status, lorax_body
 from inference_service.http_server import HttpFrontEnd, read_json
 from inference_service.http_specs import merge_spec_from_json
 from inference_service.openai_api import _chain, first_step
-from loramerge_common.errors import LoramergeError, shown
+from loramerge.errors import LoramergeError, shown
+from loramerge.v1 import inference_pb2, merge_pb2
 
 DEFAULT_MAX_NEW_TOKENS = 20  # LoRAX's default
 _SOURCES = {

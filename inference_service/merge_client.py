@@ -16,13 +16,11 @@ from dataclasses import dataclass
 import grpc
 import grpc.aio
 from grpc_status import rpc_status
-from loramerge.v1 import merge_pb2, merge_pb2_grpc
 
 from inference_service.receiver import AdapterWriter, Received, receive
 from inference_service.settings import MergeClientSettings
 from inference_service.specs import merged_spec_field
-from loramerge_common.auth import bearer_metadata, load_token
-from loramerge_common.errors import (
+from loramerge.errors import (
     DeadlineExceeded,
     FieldViolation,
     Internal,
@@ -31,8 +29,10 @@ from loramerge_common.errors import (
     error_class_for,
     violations_from_status,
 )
+from loramerge.stream import merge_method
+from loramerge.v1 import merge_pb2, merge_pb2_grpc
+from loramerge_common.auth import bearer_metadata, load_token
 from loramerge_common.tls import channel_credentials
-from merge_service.chunks import merge_method
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from loramerge.v1 import inference_pb2
 from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 
@@ -23,7 +22,8 @@ from inference_service.dataplane import Step, TokenLogprob
 from inference_service.http_errors import HttpError, http_status, openai_body
 from inference_service.http_server import HttpFrontEnd, read_json
 from inference_service.http_specs import merge_spec_from_json
-from loramerge_common.errors import LoramergeError, shown
+from loramerge.errors import LoramergeError, shown
+from loramerge.v1 import inference_pb2
 
 _ADAPTER_FIELDS = {
     "adapter_id",

@@ -6,7 +6,7 @@ client (``LoadAdapter``). The header is checked against the served engine before
 and the file's size and sha256 are verified at the end. On any failure the folder is removed, so
 nothing half written is ever loaded.
 
-Data chunks may arrive as ``DataView`` (merge_service/chunks.py): the payload is written and hashed
+Data chunks may arrive as ``DataView`` (clients/loramerge/stream.py): the payload is written and hashed
 straight from the received message, without protobuf copying it first.
 """
 
@@ -21,13 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from loramerge.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, shown
+from loramerge.peft import CONFIG_FILE, WEIGHTS_FILE
+from loramerge.stream import DataView
 from loramerge.v1 import merge_pb2
-
-from loramerge_common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, shown
-from merge_service.chunks import DataView
-
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 @dataclass(frozen=True)

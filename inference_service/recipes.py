@@ -20,10 +20,10 @@ from pathlib import Path
 
 import yaml
 from google.protobuf import json_format
-from loramerge.v1 import merge_pb2
 
 from inference_service.specs import describe_spec, normalize_spec
-from loramerge_common.errors import InvalidArgument, NotFound, shown
+from loramerge.errors import InvalidArgument, NotFound, shown
+from loramerge.v1 import merge_pb2
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 # Density is a fraction of values kept: strategies other than linear need it (never silently 0).

@@ -34,8 +34,6 @@ from functools import partial
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from loramerge.v1 import merge_pb2
-
 from inference_service.engine import ZERO_ADAPTER_ID
 from inference_service.merge_client import Fetched
 from inference_service.metrics import InferenceMetrics
@@ -47,7 +45,7 @@ from inference_service.specs import (
     spec_fingerprint,
     spec_pinned,
 )
-from loramerge_common.errors import (
+from loramerge.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     FieldViolation,
@@ -58,6 +56,7 @@ from loramerge_common.errors import (
     PermissionDenied,
     shown,
 )
+from loramerge.v1 import merge_pb2
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import math
 
+from loramerge.errors import InvalidArgument, shown
 from loramerge.v1 import inference_pb2
-
-from loramerge_common.errors import InvalidArgument, shown
 
 DEFAULT_MAX_TOKENS = 16
 MAX_STOP_STRINGS = 16

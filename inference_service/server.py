@@ -20,7 +20,6 @@ import uuid
 from pathlib import Path
 
 from grpc_health.v1.health_pb2 import HealthCheckResponse
-from loramerge.v1 import inference_pb2, inference_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from inference_service.chat import ChatTemplate
@@ -34,8 +33,9 @@ from inference_service.recipes import RecipeBook, load_recipes
 from inference_service.registry import AdapterRegistry
 from inference_service.servicer import InferenceServicer
 from inference_service.settings import InferenceSettings
+from loramerge.errors import Unavailable
+from loramerge.v1 import inference_pb2, inference_pb2_grpc
 from loramerge_common.auth import TokenAuth, load_token
-from loramerge_common.errors import Unavailable
 from loramerge_common.metrics import RpcMetrics
 from loramerge_common.server import GrpcServer, Service
 from loramerge_common.shutdown import install_stop_signals, remove_stop_signals

@@ -6,7 +6,6 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc.aio
-from loramerge.v1 import inference_pb2, inference_pb2_grpc, merge_pb2
 
 from inference_service.chat import ChatTemplate
 from inference_service.dataplane import DataPlane, Step, TokenLogprob
@@ -14,7 +13,8 @@ from inference_service.engine import Engine
 from inference_service.metrics import InferenceMetrics
 from inference_service.recipes import RecipeBook
 from inference_service.registry import AdapterRegistry, Usage
-from loramerge_common.errors import InvalidArgument, shown
+from loramerge.errors import InvalidArgument, shown
+from loramerge.v1 import inference_pb2, inference_pb2_grpc, merge_pb2
 from loramerge_common.metrics import RpcMetrics
 from loramerge_common.rpc import rpc_method
 

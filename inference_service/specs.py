@@ -12,9 +12,8 @@ import hashlib
 import re
 from collections.abc import Callable
 
+from loramerge.errors import InvalidArgument, shown
 from loramerge.v1 import merge_pb2
-
-from loramerge_common.errors import InvalidArgument, shown
 
 _STRATEGY = merge_pb2.MergeStrategy
 _SOURCE = merge_pb2.AdapterSource

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from loramerge.peft import CONFIG_FILE, WEIGHTS_FILE
+
 ZERO_ADAPTER_NAME = "loramerge-base"
 
 
@@ -60,6 +62,6 @@ def write_zero_adapter(out_dir: Path, model: str, base_model_name: str, rank: in
         "use_rslora": False,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / "adapter_model.safetensors"))
-    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(tensors, str(out_dir / WEIGHTS_FILE))
+    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out_dir

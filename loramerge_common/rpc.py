@@ -30,7 +30,7 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 import grpc.aio
 
-from loramerge_common.errors import Internal, LoramergeError, to_rpc_status
+from loramerge.errors import Internal, LoramergeError, to_rpc_status
 from loramerge_common.metrics import RpcMetrics
 
 log = logging.getLogger(__name__)

@@ -36,7 +36,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from loramerge_common.errors import (
+from loramerge.errors import (
     Aborted,
     FailedPrecondition,
     InvalidArgument,

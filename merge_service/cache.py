@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from loramerge_common.errors import InvalidArgument
+from loramerge.errors import InvalidArgument
 from merge_service.metrics import MergeMetrics
 
 log = logging.getLogger(__name__)

@@ -17,9 +17,8 @@ import struct
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
+from loramerge.errors import InvalidArgument, ResourceExhausted, shown
 from loramerge.v1 import merge_pb2
-
-from loramerge_common.errors import InvalidArgument, ResourceExhausted, shown
 from merge_service.spec import AdapterRef, Dtype, MergeSpec, SignMethod, SourceKind, Space, Strategy
 
 E = TypeVar("E", SourceKind, Strategy, SignMethod, Space, Dtype)

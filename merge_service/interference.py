@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from loramerge.v1 import merge_pb2
 
+from loramerge.v1 import merge_pb2
 from merge_service.adapter import LoraModule, load_adapter
 from merge_service.pipeline import Plan, _intra_op_threads
 

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from loramerge_common.errors import FailedPrecondition
-from merge_service.sources.base import CONFIG_FILE, WEIGHTS_FILE
+from loramerge.errors import FailedPrecondition
+from loramerge.peft import CONFIG_FILE, WEIGHTS_FILE
 from merge_service.spec import Dtype
 
 if TYPE_CHECKING:

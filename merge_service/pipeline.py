@@ -28,7 +28,8 @@ from typing import Protocol
 
 import torch
 
-from loramerge_common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, shown
+from loramerge.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, shown
+from loramerge.peft import CONFIG_FILE, WEIGHTS_FILE
 from merge_service import strategies
 from merge_service.adapter import (
     AdapterConfig,
@@ -51,7 +52,7 @@ from merge_service.output import (
     tensor_names,
     write_peft_dir,
 )
-from merge_service.sources.base import CONFIG_FILE, WEIGHTS_FILE, ResolvedSource
+from merge_service.sources.base import ResolvedSource
 from merge_service.spec import AdapterRef, MergeSpec, Space
 from merge_service.strategies import MergeParams
 

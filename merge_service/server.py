@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from loramerge.v1 import merge_pb2
+import grpc
 from prometheus_client import CollectorRegistry
 
+from loramerge.stream import serialize_chunk
+from loramerge.v1 import merge_pb2, merge_pb2_grpc
 from loramerge_common.metrics import RpcMetrics
 from loramerge_common.server import GrpcServer, Service
 from merge_service.cache import MergeCache
-from merge_service.chunks import add_merge_service
 from merge_service.metrics import MergeMetrics
 from merge_service.pipeline import Merger
 from merge_service.servicer import BuildResult, MergeServicer
@@ -20,6 +22,32 @@ from merge_service.sources import SourceResolver
 from merge_service.sources.s3 import S3Settings, S3Source
 
 log = logging.getLogger(__name__)
+
+
+class _Recorder:
+    """Stands in for a server to catch the handlers the generated add function registers."""
+
+    handlers: dict[str, grpc.RpcMethodHandler]
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.handlers = dict(handlers)
+
+
+def add_merge_service(servicer: merge_pb2_grpc.MergeServiceServicer, server: Any) -> None:
+    """``add_MergeServiceServicer_to_server`` with ``serialize_chunk`` as Merge's serializer."""
+    recorder = _Recorder()
+    merge_pb2_grpc.add_MergeServiceServicer_to_server(servicer, recorder)
+    handlers = recorder.handlers
+    handlers["Merge"] = handlers["Merge"]._replace(response_serializer=serialize_chunk)
+    name = merge_pb2.DESCRIPTOR.services_by_name["MergeService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
+
 
 SERVICE_NAME = merge_pb2.DESCRIPTOR.services_by_name["MergeService"].full_name
 

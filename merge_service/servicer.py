@@ -14,19 +14,19 @@ from collections.abc import AsyncIterator
 from functools import partial
 
 import grpc.aio
-from loramerge.v1 import merge_pb2, merge_pb2_grpc
 
-from loramerge_common.errors import FailedPrecondition, InvalidArgument, LoramergeError, shown
+from loramerge.errors import FailedPrecondition, InvalidArgument, LoramergeError, shown
+from loramerge.peft import WEIGHTS_FILE
+from loramerge.stream import encode_data_chunk
+from loramerge.v1 import merge_pb2, merge_pb2_grpc
 from loramerge_common.metrics import RpcMetrics
 from loramerge_common.rpc import rpc_method
 from merge_service import interference
 from merge_service.cache import CacheEntry, MergeCache, check_key
-from merge_service.chunks import encode_data_chunk
 from merge_service.convert import module_stats, resolved_adapter, spec_from_proto, spec_to_proto
 from merge_service.metrics import MergeMetrics
 from merge_service.pipeline import Merger, Plan
 from merge_service.singleflight import ProgressFn, SingleFlight
-from merge_service.sources.base import WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, NamedTuple, TypeVar
 
-from loramerge_common.errors import ResourceExhausted, Unavailable
+from loramerge.errors import ResourceExhausted, Unavailable
 from merge_service.metrics import MergeMetrics
 
 log = logging.getLogger(__name__)

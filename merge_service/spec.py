@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from loramerge_common.errors import FailedPrecondition, InvalidArgument, shown
+from loramerge.errors import FailedPrecondition, InvalidArgument, shown
 
 MAX_SEED = 2**64 - 1
 F32_MAX = 3.4028234663852886e38  # weights travel as float32

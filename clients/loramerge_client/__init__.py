@@ -6,14 +6,7 @@ Failed calls raise ``LoramergeError`` subclasses with ``.code`` (grpc.StatusCode
 ``.violations`` (field, description) from the server's google.rpc.BadRequest details.
 """
 
-from loramerge_client.aio import AsyncInferenceClient, AsyncMergeClient
-from loramerge_client.client import InferenceClient, MergeClient
-from loramerge_client.errors import DataLoss, LoramergeError, exit_code_for, from_rpc_error
-from loramerge_client.receiver import MergeReceiver, MergeResult
-from loramerge_client.retry import NO_RETRY, Deadline, RetryPolicy
-from loramerge_client.tls import TlsOptions
-from loramerge_client.types import Adapter, MergedAdapters, SamplingParams
-from loramerge_common.errors import (
+from loramerge.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     FieldViolation,
@@ -25,6 +18,13 @@ from loramerge_common.errors import (
     Unauthenticated,
     Unavailable,
 )
+from loramerge_client.aio import AsyncInferenceClient, AsyncMergeClient
+from loramerge_client.client import InferenceClient, MergeClient
+from loramerge_client.errors import DataLoss, LoramergeError, exit_code_for, from_rpc_error
+from loramerge_client.receiver import MergeReceiver, MergeResult
+from loramerge_client.retry import NO_RETRY, Deadline, RetryPolicy
+from loramerge_client.tls import TlsOptions
+from loramerge_client.types import Adapter, MergedAdapters, SamplingParams
 
 __all__ = [
     "NO_RETRY",

@@ -12,8 +12,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from loramerge.errors import LoramergeError
 from loramerge_client.commands.output import report_error
-from loramerge_common.errors import LoramergeError
 
 # Order shown in --help. A module not present in this installation is skipped.
 COMMANDS = ("generate", "merge", "plan", "inspect", "fetch", "health", "cache", "adapters", "eval", "tune")

@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from loramerge.v1 import inference_pb2, inference_pb2_grpc, merge_pb2, merge_pb2_grpc
 
+from loramerge.v1 import inference_pb2, inference_pb2_grpc, merge_pb2, merge_pb2_grpc
 from loramerge_client.errors import from_rpc_error
 from loramerge_client.receiver import MergeReceiver, MergeResult, ProgressCallback, folder_chunks
 from loramerge_client.retry import Deadline, Retrier, RetryPolicy

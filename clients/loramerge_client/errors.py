@@ -1,6 +1,6 @@
 """Failed calls become the same exception classes the services raise.
 
-A server aborts with ``loramerge_common.errors.to_rpc_status(err)``: a status code, a message and
+A server aborts with ``loramerge.errors.to_rpc_status(err)``: a status code, a message and
 google.rpc.BadRequest field violations in the ``grpc-status-details-bin`` trailer. The client turns
 any failed call back into a ``LoramergeError`` subclass (``InvalidArgument``, ``NotFound``, ...)
 carrying ``.code`` (a ``grpc.StatusCode``), ``.message`` and ``.violations``, so callers catch one
@@ -12,7 +12,7 @@ from __future__ import annotations
 import grpc
 from google.rpc import status_pb2
 
-from loramerge_common.errors import LoramergeError, error_class_for, violations_from_status
+from loramerge.errors import LoramergeError, error_class_for, violations_from_status
 
 _DETAILS_KEY = "grpc-status-details-bin"
 

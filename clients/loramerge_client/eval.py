@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loramerge.errors import InvalidArgument, LoramergeError
 from loramerge_client.types import Adapter, AdapterChoice, MergedAdapters, SamplingParams
-from loramerge_common.errors import InvalidArgument, LoramergeError
 
 # ---------------------------------------------------------------- scorers
 

@@ -6,7 +6,7 @@ be written to disk, and it is written file by file through temporary names, so a
 sees a half-written adapter.
 
 Data is hashed as it arrives and kept as the received pieces; the adapter's bytes are joined once, at
-the end. Data chunks may arrive as ``DataView`` (``merge_method`` in merge_service/chunks.py: views
+the end. Data chunks may arrive as ``DataView`` (``merge_method`` in clients/loramerge/stream.py: views
 into the received messages, no protobuf copy) or inside parsed ``MergeChunk`` messages.
 """
 
@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+
+from loramerge.peft import CONFIG_FILE, WEIGHTS_FILE
+from loramerge.stream import DataView
 from loramerge.v1 import merge_pb2
-
 from loramerge_client.errors import make_error
-from merge_service.chunks import DataView
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 CHUNK_BYTES = 1 << 20
 
 ProgressCallback = Callable[[merge_pb2.MergeProgress], None]

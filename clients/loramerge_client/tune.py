@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loramerge.errors import InvalidArgument
 from loramerge.v1 import merge_pb2
-
 from loramerge_client.eval import (
     DENSITY_STRATEGIES,
     Config,
@@ -47,15 +47,10 @@ from loramerge_client.eval import (
     merged_config,
     pareto_front,
 )
-from loramerge_common.errors import InvalidArgument
+from loramerge_client.types import enum_choices
 
 Objective = Callable[[Sequence[Config]], Awaitable[list[Row]]]
 TrialFn = Callable[["TrialRecord", int, int], None]
-
-
-def enum_choices(enum: Any) -> tuple[str, ...]:
-    """Lower-case value names of a proto enum, without its UNSPECIFIED value (e.g. MergeStrategy)."""
-    return tuple(v.name.lower() for v in enum.DESCRIPTOR.values if not v.name.endswith("_UNSPECIFIED"))
 
 
 @dataclass(frozen=True)

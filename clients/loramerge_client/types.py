@@ -14,9 +14,9 @@ from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
-from loramerge.v1 import inference_pb2, merge_pb2
 
-from loramerge_common.errors import InvalidArgument
+from loramerge.errors import InvalidArgument
+from loramerge.v1 import inference_pb2, merge_pb2
 
 EnumLike = str | int
 
@@ -39,6 +39,11 @@ def enum_value(
             f"{field_name} must be one of {_choices(enum)}, got {value!r}", field=field_name
         )
     return enum.Value(name)
+
+
+def enum_choices(enum: EnumTypeWrapper) -> tuple[str, ...]:
+    """Lower-case value names of a proto enum, without its UNSPECIFIED value (e.g. MergeStrategy)."""
+    return tuple(v.name.lower() for v in enum.DESCRIPTOR.values if not v.name.endswith("_UNSPECIFIED"))
 
 
 def _choices(enum: EnumTypeWrapper) -> str:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from loramerge_common.errors import FailedPrecondition, InvalidArgument, LoramergeError, shown
-from merge_service.sources.base import CONFIG_FILE, WEIGHTS_FILE, ResolvedSource, Source, check_size
+from loramerge.errors import FailedPrecondition, InvalidArgument, LoramergeError, shown
+from loramerge.peft import CONFIG_FILE, WEIGHTS_FILE
+from merge_service.sources.base import ResolvedSource, Source, check_size
 from merge_service.sources.hub import HubSource
 from merge_service.sources.local import LocalSource
 from merge_service.spec import AdapterRef, SourceKind

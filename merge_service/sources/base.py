@@ -7,11 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from loramerge_common.errors import FailedPrecondition, LoramergeError, NotFound, ResourceExhausted, shown
+from loramerge.errors import FailedPrecondition, LoramergeError, NotFound, ResourceExhausted, shown
+from loramerge.peft import CONFIG_FILE, WEIGHTS_FILE
 from merge_service.spec import AdapterRef, SourceKind
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLED_WEIGHTS_FILE = "adapter_model.bin"  # refused, never opened
 
 

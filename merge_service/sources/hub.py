@@ -41,7 +41,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from loramerge_common.errors import (
+from loramerge.errors import (
     FailedPrecondition,
     Internal,
     InvalidArgument,

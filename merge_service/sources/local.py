@@ -18,7 +18,7 @@ import threading
 from collections import OrderedDict
 from pathlib import Path, PurePosixPath
 
-from loramerge_common.errors import FailedPrecondition, InvalidArgument, NotFound, shown
+from loramerge.errors import FailedPrecondition, InvalidArgument, NotFound, shown
 from merge_service.sources.base import (
     CONFIG_FILE,
     WEIGHTS_FILE,

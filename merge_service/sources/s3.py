@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from loramerge_common.errors import (
+from loramerge.errors import (
     FailedPrecondition,
     Internal,
     InvalidArgument,

@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from loramerge import errors as E
 from loramerge.v1 import merge_pb2
 from loramerge_client.cli import main
 from loramerge_client.progress import ProgressBar, render
-
-from loramerge_common import errors as E
 from tests.client.conftest import FakeStack
 from tests.client.fakes import WEIGHTS
 

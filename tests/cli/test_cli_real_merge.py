@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from loramerge_client.cli import main
 
+from loramerge_client.cli import main
 from tests.client.conftest import MergeServiceProc
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from loramerge.v1 import inference_pb2, inference_pb2_grpc, merge_pb2, merge_pb2_grpc
 
+from loramerge.v1 import inference_pb2, inference_pb2_grpc, merge_pb2, merge_pb2_grpc
 from loramerge_common.server import GrpcServer, ServerSettings, Service
 from loramerge_common.testing import ServerThread
 from tests.client.fakes import FakeInference, FakeMerge

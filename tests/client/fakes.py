@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import grpc
 import grpc.aio
-from loramerge.v1 import inference_pb2, inference_pb2_grpc, merge_pb2, merge_pb2_grpc
 
-from loramerge_common.errors import LoramergeError, Unavailable
+from loramerge.errors import LoramergeError, Unavailable
+from loramerge.v1 import inference_pb2, inference_pb2_grpc, merge_pb2, merge_pb2_grpc
 from loramerge_common.rpc import rpc_method
 
 WEIGHTS = bytes(range(256)) * 40  # 10 KiB "safetensors" payload

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+
+from loramerge import errors as E
 from loramerge.v1 import merge_pb2
 from loramerge_client import (
     NO_RETRY,
@@ -17,8 +19,6 @@ from loramerge_client import (
     RetryPolicy,
     SamplingParams,
 )
-
-from loramerge_common import errors as E
 from tests.client.conftest import FakeStack
 from tests.client.fakes import CONFIG, SHA, WEIGHTS
 

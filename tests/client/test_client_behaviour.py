@@ -10,6 +10,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+
+from loramerge import errors as E
 from loramerge.v1 import merge_pb2
 from loramerge_client import (
     NO_RETRY,
@@ -22,8 +24,6 @@ from loramerge_client import (
     SamplingParams,
     TlsOptions,
 )
-
-from loramerge_common import errors as E
 from tests.client.conftest import PLAIN, FakeStack, serve_fakes
 from tests.client.fakes import CONFIG, SHA, WEIGHTS
 

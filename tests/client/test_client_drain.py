@@ -10,8 +10,8 @@ import time
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from loramerge.v1 import merge_pb2, merge_pb2_grpc
 
+from loramerge.v1 import merge_pb2, merge_pb2_grpc
 from loramerge_common.drain import DrainState
 from tests.client.conftest import PLAIN, serve_fakes
 

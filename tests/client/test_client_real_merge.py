@@ -11,10 +11,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from loramerge_client import Adapter, AsyncMergeClient, MergeClient, MergedAdapters, RetryPolicy
 from safetensors import safe_open
 
-from loramerge_common import errors as E
+from loramerge import errors as E
+from loramerge_client import Adapter, AsyncMergeClient, MergeClient, MergedAdapters, RetryPolicy
 from tests.client.conftest import MergeServiceProc
 
 TIES = MergedAdapters(ids=["a", "e"], weights=[0.7, 0.3], merge_strategy="ties", density=0.5)

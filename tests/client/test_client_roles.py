@@ -8,9 +8,9 @@ from dataclasses import replace
 
 import grpc
 import pytest
+
 from loramerge_client import InferenceClient, MergeClient
 from loramerge_client.retry import NO_RETRY
-
 from loramerge_common.auth import TokenAuth
 from loramerge_common.server import GrpcServer, ServerSettings
 from tests.client.conftest import PLAIN, serve_fakes

@@ -9,6 +9,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
+from loramerge.errors import InvalidArgument
 from loramerge_client.cli import main as cli_main
 from loramerge_client.eval import (
     Report,
@@ -21,8 +23,6 @@ from loramerge_client.eval import (
     score_similarity,
 )
 from loramerge_client.types import Adapter, MergedAdapters
-
-from loramerge_common.errors import InvalidArgument
 
 SUITE = {
     "name": "toy",

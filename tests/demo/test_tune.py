@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from loramerge.errors import InvalidArgument
 from loramerge_client.cli import main as cli_main
 from loramerge_client.eval import Row, parse_goal, parse_suite
 from loramerge_client.tune import SearchSpace, spec_dict, tune, write_recipe
-
-from loramerge_common.errors import InvalidArgument
 
 SUITE = {
     "name": "toy",

@@ -8,13 +8,13 @@ import json
 
 import pytest
 import yaml
-from loramerge_client.aio import AsyncInferenceClient
-from loramerge_client.cli import main as cli_main
-from loramerge_client.eval import Report, evaluate, grid, load_suite, parse_goal
 
 from demo.__main__ import PLANS, SPACES, STRATEGIES
 from demo.assets import MERGEABLE_PAIR, DemoAssets
 from demo.services import running
+from loramerge_client.aio import AsyncInferenceClient
+from loramerge_client.cli import main as cli_main
+from loramerge_client.eval import Report, evaluate, grid, load_suite, parse_goal
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

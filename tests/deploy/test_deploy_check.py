@@ -635,12 +635,12 @@ def test_dockerfile_installs_like_make_and_runs_each_service_as_the_manifest_use
         if c.cmd == "COPY" and not any(f.startswith("--from") for f in c.flags)
         for src in c.value[:-1]
     }
-    package_dirs = {"pyproject.toml", "README.md", "Makefile"}
-    package_dir_map = pyproject["tool"]["setuptools"]["package-dir"]
+    # ... and the client distribution the services depend on (make install-runtime installs ./clients first).
+    package_dirs = {"pyproject.toml", "README.md", "Makefile", "clients"}
     for pkg in pyproject["tool"]["setuptools"]["packages"]:
-        top = pkg.split(".")[0]
-        package_dirs.add(Path(package_dir_map.get(top, top)).parts[0])
+        package_dirs.add(pkg.split(".")[0])
     assert package_dirs <= copied, package_dirs - copied
+    assert re.search(r"^\tpip install -q \./clients$|\$\(BIN\)/pip install -q \./clients", makefile, re.M)
     ignored = {line.strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()}
     assert not package_dirs & ignored
 

@@ -36,8 +36,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from loramerge.v1 import inference_pb2_grpc, merge_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
+
+from loramerge.v1 import inference_pb2_grpc, merge_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
 ENGINE_START_TIMEOUT_S = 300  # vLLM start-up on a busy two-core machine

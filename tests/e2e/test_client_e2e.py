@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+from loramerge import errors as E
 from loramerge_client import (
     Adapter,
     InferenceClient,
@@ -15,8 +17,6 @@ from loramerge_client import (
     SamplingParams,
 )
 from loramerge_client.cli import main
-
-from loramerge_common import errors as E
 
 pytestmark = pytest.mark.e2e
 

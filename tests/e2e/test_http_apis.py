@@ -16,8 +16,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from loramerge.v1 import inference_pb2, merge_pb2
 
+from loramerge.v1 import inference_pb2, merge_pb2
 from tests.e2e.conftest import RECIPES, ServiceProcess
 from tests.e2e.test_inference_e2e import fetch_merged, peft_greedy
 

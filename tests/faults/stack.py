@@ -30,8 +30,8 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from loramerge.v1 import inference_pb2_grpc, merge_pb2_grpc
 
+from loramerge.v1 import inference_pb2_grpc, merge_pb2_grpc
 from loramerge_common.auth import bearer_metadata
 from tests.e2e.conftest import (
     ENGINE_START_TIMEOUT_S,

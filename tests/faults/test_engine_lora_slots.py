@@ -17,8 +17,8 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from loramerge.v1 import inference_pb2, merge_pb2
 
+from loramerge.v1 import inference_pb2, merge_pb2
 from tests.faults.stack import MAX_LORAS, Stack
 
 pytestmark = pytest.mark.e2e

@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from loramerge.v1 import inference_pb2, inference_pb2_grpc, merge_pb2
 
+from loramerge.v1 import inference_pb2, inference_pb2_grpc, merge_pb2
 from tests.faults.stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.stops_a_service]

@@ -13,9 +13,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from loramerge_client import MergeClient
 
-from loramerge_common.errors import LoramergeError
+from loramerge.errors import LoramergeError
+from loramerge_client import MergeClient
 from tests.service.test_merge_sigterm import start_service
 
 

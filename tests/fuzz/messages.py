@@ -15,9 +15,9 @@ import grpc
 from google.protobuf.message import Message
 from grpc_status import rpc_status
 from hypothesis import strategies as st
-from loramerge.v1 import inference_pb2, merge_pb2
 
-from loramerge_common.errors import violations_from_status
+from loramerge.errors import violations_from_status
+from loramerge.v1 import inference_pb2, merge_pb2
 
 M = merge_pb2
 I = inference_pb2  # noqa: E741

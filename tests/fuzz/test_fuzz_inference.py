@@ -16,9 +16,9 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from loramerge.v1 import inference_pb2, merge_pb2
 
 from inference_service.specs import normalize_spec
+from loramerge.v1 import inference_pb2, merge_pb2
 from tests.faults.stack import MAX_LORA_RANK, Stack
 from tests.fuzz.messages import TEXT, UINT64, check_error, generate_requests
 

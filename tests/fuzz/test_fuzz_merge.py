@@ -15,8 +15,8 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from loramerge.v1 import merge_pb2
 
+from loramerge.v1 import merge_pb2
 from tests.faults.stack import Stack
 from tests.fuzz.messages import TEXT, check_error, merge_requests
 

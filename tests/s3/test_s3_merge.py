@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from loramerge.peft import WEIGHTS_FILE
 from merge_service.pipeline import Merger
 from merge_service.sources import SourceResolver
-from merge_service.sources.base import WEIGHTS_FILE
 from merge_service.sources.s3 import S3Settings, S3Source
 from merge_service.spec import AdapterRef, MergeSpec, SourceKind, Strategy
 from tests.s3.conftest import PUBLIC_BUCKET, REGION, S3Server

@@ -22,9 +22,9 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_status import rpc_status
-from loramerge.v1 import merge_pb2, merge_pb2_grpc
 
-from loramerge_common.errors import violations_from_status
+from loramerge.errors import violations_from_status
+from loramerge.v1 import merge_pb2, merge_pb2_grpc
 from loramerge_common.testing import ServerThread
 from merge_service.server import build_server
 from merge_service.settings import MergeSettings

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from loramerge_common.errors import (
+from loramerge.errors import (
     FailedPrecondition,
     InvalidArgument,
     LoramergeError,
@@ -19,7 +19,7 @@ from loramerge_common.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from merge_service.sources.base import CONFIG_FILE, WEIGHTS_FILE
+from loramerge.peft import CONFIG_FILE, WEIGHTS_FILE
 from merge_service.sources.local import LocalSource
 from merge_service.sources.s3 import META_FILE, S3Settings, S3Source, parse_s3_uri, redact_url
 from merge_service.spec import AdapterRef, SourceKind

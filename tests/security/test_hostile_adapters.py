@@ -20,16 +20,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from loramerge_common.errors import (
+from loramerge.errors import (
     FailedPrecondition,
     InvalidArgument,
     LoramergeError,
     NotFound,
     ResourceExhausted,
 )
+from loramerge.peft import CONFIG_FILE, WEIGHTS_FILE
 from merge_service.adapter import LoraAdapter, load_adapter, read_config
 from merge_service.sources import SourceResolver
-from merge_service.sources.base import CONFIG_FILE, PICKLED_WEIGHTS_FILE, WEIGHTS_FILE, ResolvedSource
+from merge_service.sources.base import PICKLED_WEIGHTS_FILE, ResolvedSource
 from merge_service.spec import AdapterRef, SourceKind
 
 FIELD = "spec.adapters[0].id"

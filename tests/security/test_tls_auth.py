@@ -14,12 +14,12 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from loramerge.v1 import inference_pb2, inference_pb2_grpc, merge_pb2, merge_pb2_grpc
 
 from inference_service.merge_client import MergeClient
 from inference_service.receiver import AdapterLimits, AdapterWriter
 from inference_service.settings import MergeClientSettings
-from loramerge_common.errors import Unauthenticated, Unavailable
+from loramerge.errors import Unauthenticated, Unavailable
+from loramerge.v1 import inference_pb2, inference_pb2_grpc, merge_pb2, merge_pb2_grpc
 from tests.faults.stack import HUB_TOKEN_MARKER, MAX_LORA_RANK, Stack
 
 pytestmark = pytest.mark.e2e

@@ -15,9 +15,9 @@ import json
 import grpc
 import pytest
 from grpc_status import rpc_status
-from loramerge.v1 import inference_pb2, merge_pb2
 
-from loramerge_common.errors import violations_from_status
+from loramerge.errors import violations_from_status
+from loramerge.v1 import inference_pb2, merge_pb2
 from tests.faults.stack import Stack
 
 pytestmark = pytest.mark.e2e

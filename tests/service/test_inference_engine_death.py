@@ -17,14 +17,14 @@ import grpc
 import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from loramerge.v1 import inference_pb2 as I
-from loramerge.v1 import inference_pb2_grpc, merge_pb2_grpc
 
 import inference_service.__main__ as main_module
 from inference_service import server as server_module
 from inference_service.server import EngineDied, serve
 from inference_service.settings import InferenceSettings
-from loramerge_common.errors import Unavailable
+from loramerge.errors import Unavailable
+from loramerge.v1 import inference_pb2 as I
+from loramerge.v1 import inference_pb2_grpc, merge_pb2_grpc
 from tests.service.test_inference_servicer import ScriptedEngine
 
 HEALTH = health_pb2.HealthCheckResponse

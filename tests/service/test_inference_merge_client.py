@@ -13,14 +13,14 @@ from pathlib import Path
 import grpc
 import grpc.aio
 import pytest
-from loramerge.v1 import merge_pb2 as M
-from loramerge.v1 import merge_pb2_grpc
 
 from inference_service.merge_client import MergeClient, backoff_delays
 from inference_service.receiver import AdapterLimits, AdapterWriter
 from inference_service.settings import MergeClientSettings
 from inference_service.specs import single_adapter_field
-from loramerge_common.errors import DeadlineExceeded, FailedPrecondition, NotFound, Unavailable, to_rpc_status
+from loramerge.errors import DeadlineExceeded, FailedPrecondition, NotFound, Unavailable, to_rpc_status
+from loramerge.v1 import merge_pb2 as M
+from loramerge.v1 import merge_pb2_grpc
 
 DATA = bytes(range(256)) * 40
 LIMITS = AdapterLimits(base_model="base", max_rank=16, max_bytes=1 << 20)

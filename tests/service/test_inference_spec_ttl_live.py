@@ -13,14 +13,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from loramerge.v1 import merge_pb2 as M
-from loramerge.v1 import merge_pb2_grpc
 
 from inference_service.merge_client import MergeClient
 from inference_service.receiver import AdapterLimits
 from inference_service.registry import AdapterRegistry
 from inference_service.settings import MergeClientSettings
-from loramerge_common.errors import NotFound
+from loramerge.errors import NotFound
+from loramerge.v1 import merge_pb2 as M
+from loramerge.v1 import merge_pb2_grpc
 from loramerge_common.metrics import sample_value
 from loramerge_common.testing import ServerThread
 from merge_service.server import build_server

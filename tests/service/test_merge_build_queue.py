@@ -14,8 +14,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from loramerge.v1 import merge_pb2, merge_pb2_grpc
 
+from loramerge.v1 import merge_pb2, merge_pb2_grpc
 from loramerge_common.metrics import sample_value
 from loramerge_common.testing import ServerThread
 from merge_service.server import build_server

@@ -18,9 +18,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
-from loramerge.v1 import merge_pb2, merge_pb2_grpc
 
-from loramerge_common.errors import InvalidArgument, NotFound, violations_from_status
+from loramerge.errors import InvalidArgument, NotFound, violations_from_status
+from loramerge.v1 import merge_pb2, merge_pb2_grpc
 from loramerge_common.rpc import rpc_method
 from loramerge_common.server import GrpcServer, ServerSettings, Service
 from loramerge_common.testing import ServerThread

@@ -20,10 +20,10 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_status import rpc_status
-from loramerge.v1 import merge_pb2, merge_pb2_grpc
 from safetensors.torch import load as load_safetensors
 
-from loramerge_common.errors import violations_from_status
+from loramerge.errors import violations_from_status
+from loramerge.v1 import merge_pb2, merge_pb2_grpc
 from loramerge_common.testing import ServerThread
 from merge_service.cache import CacheEntry, sha256_hex
 from merge_service.server import build_server

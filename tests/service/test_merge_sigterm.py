@@ -14,8 +14,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from loramerge.v1 import merge_pb2, merge_pb2_grpc
 
+from loramerge.v1 import merge_pb2, merge_pb2_grpc
 from merge_service.cache import CacheEntry, DiskTier, sha256_hex
 
 TOKEN_MARKER = "hf_neverLogThisToken123"

@@ -13,9 +13,10 @@ from peft.tuners.lora import LoraLayer
 from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file, save_file
 
-from loramerge_common.errors import InvalidArgument, NotFound
+from loramerge.errors import InvalidArgument, NotFound
+from loramerge.peft import CONFIG_FILE, WEIGHTS_FILE
 from merge_service.adapter import AdapterConfig, all_finite, load_adapter, parse_config, read_config
-from merge_service.sources.base import CONFIG_FILE, WEIGHTS_FILE, ResolvedSource
+from merge_service.sources.base import ResolvedSource
 from merge_service.spec import SourceKind
 from tests.factories import lora_delta, make_adapter
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from loramerge_common.errors import InvalidArgument
+from loramerge.errors import InvalidArgument
 from loramerge_common.metrics import sample_value
 from merge_service.cache import (
     STALE_TMP_SECONDS,

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from loramerge_client.cli import main
-from loramerge_client.commands.merge import parse_adapter
 from safetensors.torch import load_file
 
+from loramerge_client.cli import main
+from loramerge_client.commands.merge import parse_adapter
 from merge_service.spec import SourceKind
 from tests.factories import lora_delta
 

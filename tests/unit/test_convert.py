@@ -7,9 +7,9 @@ import struct
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from loramerge.v1 import merge_pb2 as P
 
-from loramerge_common.errors import InvalidArgument, ResourceExhausted
+from loramerge.errors import InvalidArgument, ResourceExhausted
+from loramerge.v1 import merge_pb2 as P
 from merge_service.convert import float32_to_decimal, spec_from_proto, spec_to_proto
 from merge_service.spec import AdapterRef, Dtype, MergeSpec, SignMethod, SourceKind, Space, Strategy
 
@@ -115,12 +115,12 @@ def test_float32_wire_values_become_their_decimal() -> None:
     assert spec.adapters[0].weight == 0.3 and spec.density == 0.1
 
 
-# --- pre-encoded data chunks (merge_service/chunks.py), checked against protobuf itself ---------------
+# --- pre-encoded data chunks (clients/loramerge/stream.py), checked against protobuf itself ---------------
 
 
 @given(st.integers(min_value=0, max_value=2**64 - 1), st.binary(max_size=3000))
 def test_encoded_data_chunk_is_what_protobuf_writes(offset: int, payload: bytes) -> None:
-    from merge_service.chunks import decode_data_chunk, encode_data_chunk
+    from loramerge.stream import decode_data_chunk, encode_data_chunk
 
     raw = encode_data_chunk(offset, memoryview(payload))
     assert raw == P.MergeChunk(data=P.DataChunk(offset=offset, data=payload)).SerializeToString()
@@ -131,7 +131,7 @@ def test_encoded_data_chunk_is_what_protobuf_writes(offset: int, payload: bytes)
 
 
 def test_decode_leaves_other_messages_to_protobuf() -> None:
-    from merge_service.chunks import decode_data_chunk, serialize_chunk
+    from loramerge.stream import decode_data_chunk, serialize_chunk
 
     header = P.MergeChunk(header=P.MergeHeader(merge_key="k", total_bytes=3))
     assert decode_data_chunk(header.SerializeToString()) is None

@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from loramerge.v1 import merge_pb2
 
 from inference_service.specs import describe_spec
-from loramerge_common.errors import SHOWN_CHARS, LoramergeError, shown
+from loramerge.errors import SHOWN_CHARS, LoramergeError, shown
+from loramerge.v1 import merge_pb2
 from merge_service.convert import spec_from_proto
 from merge_service.pipeline import Merger
 from merge_service.sources import SourceResolver

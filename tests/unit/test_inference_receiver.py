@@ -9,10 +9,10 @@ import re
 from pathlib import Path
 
 import pytest
-from loramerge.v1 import merge_pb2 as M
 
 from inference_service.receiver import AdapterLimits, AdapterWriter, receive
-from loramerge_common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from loramerge.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from loramerge.v1 import merge_pb2 as M
 
 LIMITS = AdapterLimits(base_model="base/model", max_rank=16, max_bytes=1000)
 DATA = bytes(range(256)) * 3

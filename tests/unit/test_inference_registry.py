@@ -14,14 +14,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from loramerge.v1 import merge_pb2 as M
 from prometheus_client import CollectorRegistry
 
 from inference_service.merge_client import Fetched
 from inference_service.metrics import InferenceMetrics
 from inference_service.receiver import AdapterLimits, AdapterWriter, Received
 from inference_service.registry import AdapterRegistry, pushed_key
-from loramerge_common.errors import DeadlineExceeded, InvalidArgument, LoramergeError, Unavailable
+from loramerge.errors import DeadlineExceeded, InvalidArgument, LoramergeError, Unavailable
+from loramerge.v1 import merge_pb2 as M
 from loramerge_common.metrics import sample_value
 
 LIMITS = AdapterLimits(base_model="base", max_rank=16, max_bytes=10_000)

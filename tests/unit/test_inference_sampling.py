@@ -12,10 +12,10 @@ import math
 
 import numpy as np
 import pytest
-from loramerge.v1 import inference_pb2
 
 from inference_service import sampling
-from loramerge_common.errors import InvalidArgument
+from loramerge.errors import InvalidArgument
+from loramerge.v1 import inference_pb2
 
 I = inference_pb2  # noqa: E741
 MAX_MODEL_LEN = 512

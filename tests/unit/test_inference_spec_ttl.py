@@ -10,13 +10,13 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from loramerge.v1 import merge_pb2 as M
 from prometheus_client import CollectorRegistry
 
 from inference_service.metrics import InferenceMetrics
 from inference_service.registry import AdapterRegistry
 from inference_service.specs import ref_pinned, spec_pinned
-from loramerge_common.errors import DeadlineExceeded, NotFound, PermissionDenied, Unavailable
+from loramerge.errors import DeadlineExceeded, NotFound, PermissionDenied, Unavailable
+from loramerge.v1 import merge_pb2 as M
 from loramerge_common.metrics import sample_value
 from tests.unit.test_inference_registry import LIMITS, FakeEngine, FakeMergeService, spec
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load as load_bytes
 
-from loramerge_common.errors import InvalidArgument
+from loramerge.errors import InvalidArgument
 from merge_service.output import tensor_names
 from merge_service.pipeline import Merger, product_peak
 from merge_service.sources import SourceResolver

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load as load_bytes
 
-from loramerge_common.errors import FailedPrecondition, InvalidArgument, NotFound
+from loramerge.errors import FailedPrecondition, InvalidArgument, NotFound
 from merge_service.engine import delta_dense
 from merge_service.identity import derived_seed
 from merge_service.output import tensor_names
@@ -279,7 +279,7 @@ def test_an_adapter_rewritten_between_plan_and_build_is_aborted(tmp_path: Path, 
     fails ABORTED (retryable); a new plan gives a new key, and its build reads the new bytes."""
     import shutil
 
-    from loramerge_common.errors import Aborted
+    from loramerge.errors import Aborted
 
     root = tmp_path / "adapters"
     make_adapter(root / "a", tiny_llama, r=8, alpha=16, seed=1)

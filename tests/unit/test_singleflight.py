@@ -8,7 +8,7 @@ import threading
 import pytest
 from prometheus_client import CollectorRegistry
 
-from loramerge_common.errors import NotFound, ResourceExhausted
+from loramerge.errors import NotFound, ResourceExhausted
 from loramerge_common.metrics import sample_value
 from merge_service.metrics import MergeMetrics
 from merge_service.singleflight import Progress, SingleFlight

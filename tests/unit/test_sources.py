@@ -22,7 +22,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 
-from loramerge_common.errors import (
+from loramerge.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -30,9 +30,10 @@ from loramerge_common.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from loramerge.peft import CONFIG_FILE, WEIGHTS_FILE
 from merge_service.adapter import load_adapter
 from merge_service.sources import SourceResolver
-from merge_service.sources.base import CONFIG_FILE, PICKLED_WEIGHTS_FILE, WEIGHTS_FILE, ResolvedSource
+from merge_service.sources.base import PICKLED_WEIGHTS_FILE, ResolvedSource
 from merge_service.sources.hub import HubSource, parse_hub_id
 from merge_service.sources.local import LocalSource
 from merge_service.spec import AdapterRef, SourceKind

@@ -1,4 +1,4 @@
-"""Merge streams received without copying payloads (merge_service/chunks.py: parse_chunk, merge_method),
+"""Merge streams received without copying payloads (clients/loramerge/stream.py: parse_chunk, merge_method),
 checked against protobuf's own parser, on real loopback gRPC channels and through both receivers."""
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ import grpc
 import grpc.aio
 from hypothesis import given
 from hypothesis import strategies as st
-from loramerge.v1 import merge_pb2 as M
-from loramerge.v1 import merge_pb2_grpc
-from loramerge_client.receiver import MergeReceiver
 
 from inference_service.merge_client import MergeClient, keep_freed_heap
 from inference_service.receiver import AdapterLimits, AdapterWriter, receive
 from inference_service.settings import MergeClientSettings
-from merge_service.chunks import DataView, encode_data_chunk, merge_method, parse_chunk
+from loramerge.stream import DataView, encode_data_chunk, merge_method, parse_chunk
+from loramerge.v1 import merge_pb2 as M
+from loramerge.v1 import merge_pb2_grpc
+from loramerge_client.receiver import MergeReceiver
 
 DATA = bytes(range(256)) * 50
 SHA = hashlib.sha256(DATA).hexdigest()

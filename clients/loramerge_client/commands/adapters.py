@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from loramerge.errors import InvalidArgument, NotFound
 from loramerge_client.commands.connection import add_connection_options, inference_client
 from loramerge_client.commands.output import EXIT_OK, add_json_option, command, human_bytes, print_json, table
-from loramerge_common.errors import InvalidArgument, NotFound
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from loramerge.errors import InvalidArgument
 from loramerge_client.commands.connection import add_connection_options, merge_client
 from loramerge_client.commands.output import EXIT_OK, add_json_option, command, human_bytes, print_json, table
-from loramerge_common.errors import InvalidArgument
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -8,6 +8,7 @@ import asyncio
 import json
 import sys
 
+from loramerge.errors import InvalidArgument
 from loramerge_client.aio import AsyncInferenceClient
 from loramerge_client.commands.connection import _common, add_connection_options
 from loramerge_client.commands.output import EXIT_OK, EXIT_OTHER, add_json_option, command
@@ -22,7 +23,6 @@ from loramerge_client.eval import (
     load_suite,
     parse_goal,
 )
-from loramerge_common.errors import InvalidArgument
 
 EXAMPLE = """example:
   loramerge eval suite.json --grid facts,upper --strategies linear,ties,dare_ties \\

@@ -7,12 +7,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from loramerge.errors import InvalidArgument
 from loramerge_client.commands.connection import add_connection_options, inference_client, merge_client
 from loramerge_client.commands.output import EXIT_OK, add_json_option, command, human_bytes, print_json, table
 from loramerge_client.commands.spec_options import add_spec_options, spec_from_args
 from loramerge_client.progress import ProgressBar
 from loramerge_client.types import to_json
-from loramerge_common.errors import InvalidArgument
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from loramerge.errors import InvalidArgument
 from loramerge.v1 import inference_pb2
-
 from loramerge_client.commands.connection import add_connection_options, inference_client
 from loramerge_client.commands.output import EXIT_OK, add_json_option, command, print_json
 from loramerge_client.commands.spec_options import (
@@ -17,7 +17,6 @@ from loramerge_client.commands.spec_options import (
     spec_from_args,
 )
 from loramerge_client.types import Adapter, AdapterChoice, SamplingParams, to_json
-from loramerge_common.errors import InvalidArgument
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

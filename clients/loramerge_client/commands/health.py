@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from loramerge.errors import LoramergeError
 from loramerge_client.commands.connection import add_connection_options, inference_client, merge_client
 from loramerge_client.commands.output import (
     EXIT_OK,
@@ -14,7 +15,6 @@ from loramerge_client.commands.output import (
     report_error,
     table,
 )
-from loramerge_common.errors import LoramergeError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

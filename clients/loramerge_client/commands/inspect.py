@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from loramerge.v1 import merge_pb2
-
 from loramerge_client.commands.connection import add_connection_options, merge_client
+from loramerge_client.commands.installed import require_engine
 from loramerge_client.commands.output import EXIT_OK, add_json_option, command, human_bytes, print_json, table
 from loramerge_client.types import Adapter, enum_name, to_json
 
@@ -42,8 +42,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def inspect_folder(folder: Path) -> dict[str, Any]:
     """Facts about a local adapter, checked like the merge service checks it (no tensor data read)."""
+    from loramerge.peft import WEIGHTS_FILE
     from merge_service.adapter import check_structure, read_config, read_safetensors_header
-    from merge_service.sources.base import WEIGHTS_FILE
 
     adapter_id = str(folder)
     config = read_config(folder, adapter_id)
@@ -53,7 +53,7 @@ def inspect_folder(folder: Path) -> dict[str, Any]:
         with open(weights, "rb") as f:
             tensors, _ = read_safetensors_header(f, size, adapter_id)
     except FileNotFoundError:
-        from loramerge_common.errors import NotFound
+        from loramerge.errors import NotFound
 
         raise NotFound(f"adapter {adapter_id!r} has no {WEIGHTS_FILE}", field="adapter") from None
     modules = check_structure(tensors, config, adapter_id)
@@ -117,6 +117,7 @@ def render_remote(a: merge_pb2.ResolvedAdapter, estimated_bytes: int) -> str:
 def run(args: argparse.Namespace) -> int:
     folder = Path(args.adapter)
     if not args.remote and folder.is_dir():
+        require_engine("loramerge inspect of a local folder (or ask the merge service with --remote)")
         info = inspect_folder(folder)
         if args.json:
             print_json(info)

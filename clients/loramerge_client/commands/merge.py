@@ -2,7 +2,8 @@
 
 No service is involved: the same ``Merger`` the merge service runs reads local directories or hub
 repos, merges module by module (on CUDA when present with --device auto) and writes the result
-atomically. Prints a summary; exits 2 with one line on stderr for bad input.
+atomically. Prints a summary; exits 2 with one line on stderr for bad input. The engine ships with the
+services' distribution, not the client's: without it the command says what to install.
 """
 
 from __future__ import annotations
@@ -13,16 +14,18 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from loramerge.errors import InvalidArgument, LoramergeError, NotFound
 from loramerge.v1 import merge_pb2
-
+from loramerge_client.commands.installed import require_engine
 from loramerge_client.commands.output import EXIT_OK, add_json_option, command, human_bytes, table
 from loramerge_client.progress import ProgressBar
-from loramerge_common.errors import InvalidArgument, LoramergeError, NotFound
-from merge_service.sources.base import ResolvedSource
-from merge_service.spec import AdapterRef, Dtype, MergeSpec, SignMethod, SourceKind, Space
+from loramerge_client.types import enum_choices
 
-STRATEGIES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+if TYPE_CHECKING:
+    from merge_service.sources.base import ResolvedSource
+    from merge_service.spec import AdapterRef
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -48,7 +51,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         metavar="W1,W2,...",
         help="weights for the adapters in order, instead of :WEIGHT suffixes (one per --adapter)",
     )
-    p.add_argument("--strategy", default="linear", choices=STRATEGIES, help="merge strategy [linear]")
+    p.add_argument(
+        "--strategy",
+        default="linear",
+        choices=enum_choices(merge_pb2.MergeStrategy),
+        help="merge strategy [linear]",
+    )
     p.add_argument(
         "--density", type=float, help="fraction of values kept, in (0, 1]; required but for linear"
     )
@@ -57,19 +65,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--sign-method",
         dest="sign_method",
         default="total",
-        choices=[m.value for m in SignMethod],
+        choices=enum_choices(merge_pb2.MajoritySignMethod),
         help="TIES sign election [total]",
     )
     p.add_argument("--seed", "--merge-seed", dest="seed", type=int, help="seed of DARE's masks [derived]")
     p.add_argument(
         "--space",
         default="delta",
-        choices=[s.value for s in Space],
+        choices=enum_choices(merge_pb2.MergeSpace),
         help="delta: merge ΔW exactly (any ranks); factors: merge A and B separately (LoRAX) [delta]",
     )
     p.add_argument("--target-rank", type=int, default=0, help="rank of the result [exact, or Σ ranks]")
     p.add_argument("--max-rank", type=int, default=0, help="cap the rank, compressing to it [no cap]")
-    p.add_argument("--dtype", default="float32", choices=[d.value for d in Dtype], help="output dtype")
+    p.add_argument("--dtype", default="float32", choices=enum_choices(merge_pb2.Dtype), help="output dtype")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] [auto: CUDA when present]")
     p.add_argument("--hub-token", help="token for private hub repos [$HF_TOKEN]")
     p.add_argument("-o", "--out", required=True, type=Path, help="output directory (created atomically)")
@@ -93,6 +101,8 @@ def split_weight(text: str) -> tuple[str, float | None]:
 
 def parse_adapter(text: str, index: int) -> AdapterRef:
     """SOURCE[@REVISION][:WEIGHT]; the revision only when the text is not an existing local path."""
+    from merge_service.spec import AdapterRef, SourceKind
+
     field = f"--adapter[{index}]"
     source, w = split_weight(text)
     weight = 1.0 if w is None else w
@@ -142,6 +152,7 @@ class LocalPathResolver:
 
     def resolve(self, ref: AdapterRef, field: str = "adapter") -> ResolvedSource:
         from merge_service.sources import LocalSource
+        from merge_service.spec import SourceKind
 
         if ref.source != SourceKind.LOCAL:
             return self.hub.resolve(ref, field=field)
@@ -156,8 +167,9 @@ class LocalPathResolver:
 
 @command
 def run(args: argparse.Namespace) -> int:
+    require_engine("loramerge merge")
     from merge_service.pipeline import Merger, write_peft_dir
-    from merge_service.spec import Strategy
+    from merge_service.spec import Dtype, MergeSpec, SignMethod, Space, Strategy
 
     refs = apply_weights(tuple(parse_adapter(text, i) for i, text in enumerate(args.adapter)), args)
     spec = MergeSpec(

@@ -12,9 +12,9 @@ from typing import Any
 
 from google.protobuf.message import Message
 
+from loramerge.errors import LoramergeError
 from loramerge_client.errors import exit_code_for
 from loramerge_client.types import to_json
-from loramerge_common.errors import LoramergeError
 
 EXIT_OK = 0
 EXIT_OTHER = 1

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 
 from loramerge.v1 import merge_pb2
-
 from loramerge_client.commands.connection import add_connection_options, merge_client
 from loramerge_client.commands.output import EXIT_OK, add_json_option, command, human_bytes, print_json, table
 from loramerge_client.commands.spec_options import add_spec_options, spec_from_args

@@ -7,8 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from loramerge.errors import InvalidArgument
 from loramerge.v1 import merge_pb2
-
 from loramerge_client.types import (
     Adapter,
     dtype_value,
@@ -18,7 +18,6 @@ from loramerge_client.types import (
     strategy_value,
     to_merge_spec,
 )
-from loramerge_common.errors import InvalidArgument
 
 STRATEGIES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 

@@ -8,15 +8,16 @@ import asyncio
 import json
 import sys
 
+from loramerge.errors import InvalidArgument
 from loramerge.v1 import merge_pb2
-
 from loramerge_client.aio import AsyncInferenceClient
 from loramerge_client.commands.connection import _common, add_connection_options
+from loramerge_client.commands.installed import require_extra
 from loramerge_client.commands.output import EXIT_OK, EXIT_OTHER, add_json_option, command
 from loramerge_client.eval import load_suite, merged_config, parse_goal
 from loramerge_client.progress import ProgressBar
-from loramerge_client.tune import SearchSpace, TrialRecord, enum_choices, live_objective, tune, write_recipe
-from loramerge_common.errors import InvalidArgument
+from loramerge_client.tune import SearchSpace, TrialRecord, live_objective, tune, write_recipe
+from loramerge_client.types import enum_choices
 
 EXAMPLE = """example:
   loramerge tune suite.json --adapters facts,upper --goal min:facts,upper --trials 20 \\
@@ -95,6 +96,7 @@ def _list(text: str) -> tuple[str, ...]:
 
 @command
 def run(args: argparse.Namespace) -> int:
+    require_extra("loramerge tune", "optuna", "yaml", "matplotlib")
     if args.trials < 1:
         raise InvalidArgument(f"--trials must be >= 1, got {args.trials}", field="--trials")
     if args.patience < 0:

@@ -1,4 +1,4 @@
-"""Data chunks of a Merge stream, encoded straight from the cached bytes.
+"""The Merge stream's wire codec: data chunks encoded straight from the cached bytes, and decoded as views.
 
 A ``MergeChunk{data: DataChunk{offset, data}}`` message is a few bytes of framing followed by the
 payload, so it is built with one copy of the payload (``bytes.join`` over a memoryview) instead of
@@ -18,8 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
-from loramerge.v1 import merge_pb2, merge_pb2_grpc
+from loramerge.v1 import merge_pb2
 
 MERGE_METHOD = "/loramerge.v1.MergeService/Merge"
 _CHUNK_DATA_TAG = b"\x1a"  # MergeChunk.data: field 3, length-delimited
@@ -54,31 +53,6 @@ def serialize_chunk(message: merge_pb2.MergeChunk | bytes) -> bytes:
     if isinstance(message, bytes):
         return message
     return message.SerializeToString()
-
-
-class _Recorder:
-    """Stands in for a server to catch the handlers the generated add function registers."""
-
-    handlers: dict[str, grpc.RpcMethodHandler]
-
-    def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        pass
-
-    def add_registered_method_handlers(
-        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
-    ) -> None:
-        self.handlers = dict(handlers)
-
-
-def add_merge_service(servicer: merge_pb2_grpc.MergeServiceServicer, server: Any) -> None:
-    """``add_MergeServiceServicer_to_server`` with ``serialize_chunk`` as Merge's serializer."""
-    recorder = _Recorder()
-    merge_pb2_grpc.add_MergeServiceServicer_to_server(servicer, recorder)
-    handlers = recorder.handlers
-    handlers["Merge"] = handlers["Merge"]._replace(response_serializer=serialize_chunk)
-    name = merge_pb2.DESCRIPTOR.services_by_name["MergeService"].full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
-    server.add_registered_method_handlers(name, handlers)
 
 
 def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
