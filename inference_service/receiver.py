@@ -6,23 +6,22 @@ client (``LoadAdapter``). The header is checked against the served engine before
 and the file's size and sha256 are verified at the end. On any failure the folder is removed, so
 nothing half written is ever loaded.
 
-Data chunks may arrive as ``DataView`` (clients/loramerge/stream.py): the payload is written and hashed
-straight from the received message, without protobuf copying it first.
+The stream itself is checked by the contract's one receiver (``loramerge.receiver``); what is
+specific here is the header policy (``check_header``: what this engine can serve) and the folder.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from loramerge.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, shown
-from loramerge.peft import CONFIG_FILE, WEIGHTS_FILE
+from loramerge.peft import WEIGHTS_FILE
+from loramerge.receiver import FolderSink, StreamReceiver, receive_stream
 from loramerge.stream import DataView
 from loramerge.v1 import merge_pb2
 
@@ -104,88 +103,14 @@ def check_header(header: merge_pb2.MergeHeader, limits: AdapterLimits) -> dict[s
     return config
 
 
-@dataclass
-class AdapterWriter:
-    """Writes one adapter folder from a header and consecutive data chunks; resumable after a break."""
+class AdapterWriter(StreamReceiver):
+    """A stream received into a PEFT folder the engine can load, its header checked against ``limits``
+    before a byte is written; resumable after a break; ``discard`` removes the folder."""
 
-    directory: Path
-    limits: AdapterLimits
-    header: merge_pb2.MergeHeader | None = None
-    config: dict[str, Any] = field(default_factory=dict)
-    received: int = 0
-    header_at: float | None = None  # time.perf_counter() when the first header arrived
-    _hash: Any = field(default_factory=hashlib.sha256)
-    _file: IO[bytes] | None = None
-
-    def start(self, header: merge_pb2.MergeHeader) -> None:
-        """Accept the first header, or the header of a resumed stream (same merge, at our offset)."""
-        if self.header is not None:
-            if header.merge_key != self.header.merge_key or header.sha256 != self.header.sha256:
-                raise FailedPrecondition(
-                    f"resumed stream is merge {shown(header.merge_key)}, expected "
-                    f"{shown(self.header.merge_key)}",
-                    field="header.merge_key",
-                )
-            if header.offset != self.received:
-                raise InvalidArgument(
-                    f"resumed stream starts at byte {header.offset}, expected {self.received}",
-                    field="header.offset",
-                )
-            return
-        if header.offset != 0:
-            raise InvalidArgument(
-                f"header.offset must be 0 on a new stream, got {header.offset}", field="header.offset"
-            )
-        self.config = check_header(header, self.limits)
-        self.header = header
-        self.header_at = time.perf_counter()
-        self.directory.mkdir(parents=True, exist_ok=False)
-        (self.directory / CONFIG_FILE).write_text(header.adapter_config_json)
-        self._file = open(self.directory / WEIGHTS_FILE, "wb")  # noqa: SIM115 - closed in finish/discard
-
-    def write(self, chunk: merge_pb2.DataChunk | DataView) -> None:
-        if self.header is None or self._file is None:
-            raise InvalidArgument("a data chunk arrived before the header", field="data")
-        if chunk.offset != self.received:
-            raise InvalidArgument(
-                f"data chunk at byte {chunk.offset}, expected byte {self.received}", field="data.offset"
-            )
-        if self.received + len(chunk.data) > self.header.total_bytes:
-            raise InvalidArgument(
-                f"data runs past header.total_bytes {self.header.total_bytes} "
-                f"(chunk at {chunk.offset} of {len(chunk.data)} bytes)",
-                field="data",
-            )
-        self._file.write(chunk.data)
-        self._hash.update(chunk.data)
-        self.received += len(chunk.data)
-
-    def finish(self, trailer: merge_pb2.MergeTrailer | None) -> None:
-        """Verify size and sha256 against the header (and the trailer, when there is one)."""
-        if self.header is None or self._file is None:
-            raise InvalidArgument("the stream ended before a header arrived", field="header")
-        self._file.close()
-        if self.received != self.header.total_bytes:
-            raise InvalidArgument(
-                f"received {self.received} bytes, header.total_bytes says {self.header.total_bytes}",
-                field="data",
-            )
-        digest = self._hash.hexdigest()
-        if digest != self.header.sha256.lower():
-            raise InvalidArgument(
-                f"sha256 {digest} differs from header.sha256 {self.header.sha256}", field="data"
-            )
-        if trailer is not None and (trailer.total_bytes, trailer.sha256.lower()) != (self.received, digest):
-            raise InvalidArgument(
-                f"trailer ({trailer.total_bytes} bytes, sha256 {trailer.sha256}) disagrees with the data "
-                f"({self.received} bytes, sha256 {digest})",
-                field="trailer",
-            )
-
-    def discard(self) -> None:
-        if self._file is not None and not self._file.closed:
-            self._file.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
+    def __init__(self, directory: Path, limits: AdapterLimits) -> None:
+        super().__init__(FolderSink(directory), check_header=lambda header: check_header(header, limits))
+        self.directory = directory
+        self.limits = limits
 
 
 @dataclass(frozen=True)
@@ -199,29 +124,16 @@ class Received:
 
 
 async def receive(chunks: AsyncIterator[merge_pb2.MergeChunk | DataView], writer: AdapterWriter) -> Received:
-    """Feed a whole chunk stream (progress* header data* trailer?) through ``writer``.
+    """Feed a whole chunk stream (progress* header data* trailer?) through ``writer`` and verify it.
 
     The trailer is optional for pushed streams; the header's size and sha256 are always checked.
     The caller discards the writer on error.
     """
     t0 = time.perf_counter()
-    t_header = t0
-    trailer = None
-    async for chunk in chunks:
-        if isinstance(chunk, DataView):
-            writer.write(chunk)
-            continue
-        kind = chunk.WhichOneof("item")
-        if kind == "header":
-            writer.start(chunk.header)
-            t_header = time.perf_counter()
-        elif kind == "data":
-            writer.write(chunk.data)
-        elif kind == "trailer":
-            trailer = chunk.trailer
-            break
-    writer.finish(trailer)
+    await receive_stream(chunks, writer)
+    writer.finish()
     assert writer.header is not None
+    t_header = writer.stream_header_at or t0
     t_end = time.perf_counter()
     return Received(
         header=writer.header,

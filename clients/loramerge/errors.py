@@ -101,6 +101,12 @@ class Internal(LoramergeError):
     code = grpc.StatusCode.INTERNAL
 
 
+class DataLoss(LoramergeError):
+    """A merged adapter arrived with the wrong size or sha256 (nothing was written or loaded)."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
 _BY_CODE: dict[grpc.StatusCode, type[LoramergeError]] = {
     cls.code: cls
     for cls in (
@@ -112,7 +118,9 @@ _BY_CODE: dict[grpc.StatusCode, type[LoramergeError]] = {
         Unauthenticated,
         Unavailable,
         DeadlineExceeded,
+        Aborted,
         Internal,
+        DataLoss,
     )
 }
 

@@ -15,11 +15,17 @@ and trailer are parsed by protobuf as usual. Parsing a 1 MiB data chunk with pro
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from loramerge.peft import CONFIG_FILE, WEIGHTS_FILE
 from loramerge.v1 import merge_pb2
 
+CHUNK_BYTES = 1 << 20  # data payload per message
 MERGE_METHOD = "/loramerge.v1.MergeService/Merge"
 _CHUNK_DATA_TAG = b"\x1a"  # MergeChunk.data: field 3, length-delimited
 _OFFSET_TAG = b"\x08"  # DataChunk.offset: field 1, varint
@@ -122,3 +128,35 @@ def merge_method(channel: Any) -> Any:
         response_deserializer=parse_chunk,
         _registered_method=True,
     )
+
+
+def stream_chunks(
+    header: merge_pb2.MergeHeader, data: bytes, chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[merge_pb2.MergeChunk]:
+    """header → data chunks → trailer for ``data`` (header.total_bytes/sha256 must describe it)."""
+    yield merge_pb2.MergeChunk(header=header)
+    for start in range(0, len(data), chunk_bytes):
+        piece = data[start : start + chunk_bytes]
+        yield merge_pb2.MergeChunk(data=merge_pb2.DataChunk(offset=start, data=piece))
+    yield merge_pb2.MergeChunk(trailer=merge_pb2.MergeTrailer(total_bytes=len(data), sha256=header.sha256))
+
+
+def folder_chunks(
+    directory: str | Path, *, merge_key: str = "", chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[merge_pb2.MergeChunk]:
+    """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) as a Merge stream."""
+    folder = Path(directory)
+    config = (folder / CONFIG_FILE).read_text()
+    data = (folder / WEIGHTS_FILE).read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    rank = int(json.loads(config).get("r", 0) or 0)
+    header = merge_pb2.MergeHeader(
+        merge_key=merge_key,
+        adapter_config_json=config,
+        total_bytes=len(data),
+        sha256=digest,
+        rank=rank,
+        base_model=json.loads(config).get("base_model_name_or_path") or "",
+        file_name=WEIGHTS_FILE,
+    )
+    return stream_chunks(header, data, chunk_bytes)

@@ -21,9 +21,11 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from loramerge.receiver import ProgressCallback
+from loramerge.stream import folder_chunks, merge_method
 from loramerge.v1 import inference_pb2, inference_pb2_grpc, merge_pb2, merge_pb2_grpc
 from loramerge_client.errors import from_rpc_error
-from loramerge_client.receiver import MergeReceiver, MergeResult, ProgressCallback, folder_chunks
+from loramerge_client.receiver import MergeReceiver, MergeResult
 from loramerge_client.retry import Deadline, Retrier, RetryPolicy
 from loramerge_client.tls import TlsLike, call_metadata, open_channel
 from loramerge_client.types import AdapterChoice, SamplingParams, SpecLike, generate_request, to_merge_spec
@@ -103,6 +105,8 @@ class MergeClient(_Client):
     def __init__(self, address: str | None = None, **kwargs: Any) -> None:
         super().__init__(address, **kwargs)
         self.stub = merge_pb2_grpc.MergeServiceStub(self.channel)
+        # Merge with data chunks decoded as views into the received messages (no protobuf copies).
+        self._merge = merge_method(self.channel)
 
     def merge(
         self,
@@ -123,7 +127,7 @@ class MergeClient(_Client):
         while True:
             request = receiver.request(spec_pb)
             try:
-                call = self.stub.Merge(request, timeout=retrier.timeout(), metadata=self.metadata)
+                call = self._merge(request, timeout=retrier.timeout(), metadata=self.metadata)
             except grpc.RpcError as err:
                 retrier.after_failure(err)
                 continue

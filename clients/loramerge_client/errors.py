@@ -12,7 +12,7 @@ from __future__ import annotations
 import grpc
 from google.rpc import status_pb2
 
-from loramerge.errors import LoramergeError, error_class_for, violations_from_status
+from loramerge.errors import DataLoss, LoramergeError, error_class_for, violations_from_status
 
 _DETAILS_KEY = "grpc-status-details-bin"
 
@@ -30,12 +30,6 @@ BAD_INPUT_CODES = frozenset(
     }
 )
 UNAVAILABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-
-
-class DataLoss(LoramergeError):
-    """A merged adapter arrived with the wrong size or sha256 (nothing was written or loaded)."""
-
-    code = grpc.StatusCode.DATA_LOSS
 
 
 def rich_status(err: grpc.RpcError) -> status_pb2.Status | None:
@@ -62,8 +56,7 @@ def from_rpc_error(err: grpc.RpcError) -> LoramergeError:
 
 def make_error(code: grpc.StatusCode, message: str, *, field: str | None = None) -> LoramergeError:
     """A client-side error of the class a server would have used for ``code``."""
-    cls = DataLoss if code == grpc.StatusCode.DATA_LOSS else error_class_for(code)
-    exc = cls(message, field=field)
+    exc = error_class_for(code)(message, field=field)
     exc.code = code
     return exc
 

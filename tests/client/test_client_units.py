@@ -9,10 +9,10 @@ import grpc
 import pytest
 
 from loramerge import errors as E
+from loramerge.stream import stream_chunks
 from loramerge.v1 import inference_pb2, merge_pb2
 from loramerge_client import Adapter, DataLoss, MergedAdapters, MergeReceiver, RetryPolicy, SamplingParams
 from loramerge_client.errors import exit_code_for, make_error
-from loramerge_client.receiver import stream_chunks
 from loramerge_client.retry import Deadline, Retrier
 from loramerge_client.types import generate_request, to_merge_spec
 
