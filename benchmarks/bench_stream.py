@@ -53,13 +53,20 @@ from loramerge.v1 import merge_pb2, merge_pb2_grpc
 
 MiB = 1 << 20
 # Receive order within a round; each gRPC variant is paired with a socket run of the same round.
-ROUND = ("view", "socket", "view+sha256", "socket+sha256", "client", "stub")
-PAIRS = {"view": "socket", "view+sha256": "socket+sha256", "client": "socket+sha256", "stub": "socket"}
+ROUND = ("view", "socket", "view+sha256", "socket+sha256", "client", "inference", "stub")
+PAIRS = {
+    "view": "socket",
+    "view+sha256": "socket+sha256",
+    "client": "socket+sha256",
+    "inference": "socket+sha256",
+    "stub": "socket",
+}
 LABELS = {
     "stub": "gRPC Merge, generated stub (protobuf parse + copy)",
     "view": "gRPC Merge, merge_method (payload views)",
     "view+sha256": "gRPC Merge, merge_method + sha256",
     "client": "loramerge_client MergeClient.merge (sha256, bytes result)",
+    "inference": "inference service's receiver (asyncio, sha256, PEFT folder on disk)",
     "socket": "plain TCP socket",
     "socket+sha256": "plain TCP socket + sha256",
 }
@@ -123,10 +130,25 @@ class StreamResults:
         return intro + "\n\n" + throughput + "\n\n" + latency
 
 
+# (out, in) of each projection in Llama-3-8B: hidden 4096, intermediate 14336, 8 KV heads of 128.
+LLAMA3_8B = {
+    "q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096), "o_proj": (4096, 4096),
+    "gate_proj": (14336, 4096), "up_proj": (14336, 4096), "down_proj": (4096, 14336),
+}  # fmt: skip
+
+
 def write_adapter(
-    out: Path, *, rank: int, layers: int, modules: tuple[str, ...], dim: int, seed: int
+    out: Path,
+    *,
+    rank: int,
+    layers: int,
+    modules: tuple[str, ...],
+    dim: int,
+    seed: int,
+    shapes: dict[str, tuple[int, int]] | None = None,
 ) -> Path:
-    """A PEFT LoRA adapter of random factors (config + safetensors), for a notional Llama of width dim."""
+    """A PEFT LoRA adapter of random factors (config + safetensors): projections dim × dim, or of
+    ``shapes`` (module → (out, in)) when given."""
     import torch
     from safetensors.torch import save_file
 
@@ -134,10 +156,11 @@ def write_adapter(
     tensors = {}
     for layer in range(layers):
         for m in modules:
+            n_out, n_in = (shapes or {}).get(m, (dim, dim))
             parent = "mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn"
             base = f"base_model.model.model.layers.{layer}.{parent}.{m}"
-            tensors[f"{base}.lora_A.weight"] = torch.randn(rank, dim, generator=gen) / dim**0.5
-            tensors[f"{base}.lora_B.weight"] = torch.randn(dim, rank, generator=gen) * 0.01
+            tensors[f"{base}.lora_A.weight"] = torch.randn(rank, n_in, generator=gen) / n_in**0.5
+            tensors[f"{base}.lora_B.weight"] = torch.randn(n_out, rank, generator=gen) * 0.01
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / WEIGHTS_FILE))
     config = {
@@ -301,6 +324,27 @@ def _receivers(job: dict[str, Any]) -> dict[str, Callable[[bytearray], bytes | N
         return digest.digest() if digest is not None else None
 
     client = MergeClient(channel=channel, timeout=600)
+    scratch = Path(job["scratch"])
+
+    def inference_recv(out: bytearray) -> bytes:
+        """What the inference service runs for a fetch: asyncio channel, the contract's receiver into a
+        PEFT folder (header policy, sha256, file on disk); the folder is removed afterwards."""
+        import asyncio
+
+        from inference_service.receiver import AdapterLimits, AdapterWriter, receive
+
+        async def fetch() -> bytes:
+            async with grpc.aio.insecure_channel(job["address"], options=options) as aio_channel:
+                writer = AdapterWriter(
+                    scratch / f"fetched-{os.getpid()}", AdapterLimits("bench/llama-like", 1024, 1 << 40)
+                )
+                try:
+                    received = await receive(merge_method(aio_channel)(request, timeout=600), writer)
+                finally:
+                    writer.discard()
+                return bytes.fromhex(received.header.sha256) if received.bytes == size else b""
+
+        return asyncio.run(fetch())
 
     def client_recv(out: bytearray) -> bytes:
         """The library verifies size and sha256 itself; its result is a new ``bytes``, not ``out``."""
@@ -309,6 +353,7 @@ def _receivers(job: dict[str, Any]) -> dict[str, Callable[[bytearray], bytes | N
 
     return {
         "client": client_recv,
+        "inference": inference_recv,
         "stub": stub_recv,
         "view": lambda out: view_recv(out, False),
         "view+sha256": lambda out: view_recv(out, True),
@@ -419,7 +464,8 @@ def measure(
     with tempfile.TemporaryDirectory(prefix="bench-stream-", dir=workdir) as tmp:
         root = Path(tmp) / "adapters"
         modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-        write_adapter(root / "big", rank=64, layers=8, modules=modules, dim=4096, seed=1)
+        # A merged adapter of Llama-3-8B's size: rank 16 on all seven projections of 32 layers, float32.
+        write_adapter(root / "big", rank=16, layers=32, modules=modules, dim=4096, seed=1, shapes=LLAMA3_8B)
         for name, seed in (("s1", 2), ("s2", 3)):
             write_adapter(root / name, rank=8, layers=2, modules=("q_proj", "v_proj"), dim=128, seed=seed)
         args = [
@@ -451,6 +497,7 @@ def measure(
                 job = {
                     "address": service.address, "adapter": "big", "size": size, "sha256": digest,
                     "socket_port": sender.port, "server_pid": service.proc.pid, "sender_pid": sender.proc.pid,
+                    "scratch": tmp,
                 }  # fmt: skip
                 receivers = {name: Receiver({**job, "keep_heap": name == "kept"}) for name in RECEIVERS}
                 for r in receivers.values():  # warm-up round: connections, caches, allocator

@@ -45,24 +45,23 @@ class Sink(Protocol):
 
 
 class MemorySink:
-    """Keeps the received payloads (views into the messages) and joins them once, at the end."""
+    """Copies each payload once, onto the end of one growing buffer (``data``): the received messages
+    are freed as soon as they are written, and growing a large buffer remaps pages, it does not copy."""
 
     def __init__(self) -> None:
-        self._pieces: list[memoryview | bytes] = []
-        self.data = b""
+        self.data = bytearray()
 
     def open(self, header: merge_pb2.MergeHeader) -> None:
         pass
 
     def write(self, data: memoryview | bytes) -> None:
-        self._pieces.append(data)
+        self.data += data
 
     def close(self) -> None:
-        self.data = b"".join(self._pieces)
-        self._pieces = []
+        pass
 
     def discard(self) -> None:
-        self._pieces = []
+        self.data = bytearray()
 
 
 class FolderSink:

@@ -131,12 +131,12 @@ def merge_method(channel: Any) -> Any:
 
 
 def stream_chunks(
-    header: merge_pb2.MergeHeader, data: bytes, chunk_bytes: int = CHUNK_BYTES
+    header: merge_pb2.MergeHeader, data: bytes | bytearray, chunk_bytes: int = CHUNK_BYTES
 ) -> Iterator[merge_pb2.MergeChunk]:
     """header → data chunks → trailer for ``data`` (header.total_bytes/sha256 must describe it)."""
     yield merge_pb2.MergeChunk(header=header)
     for start in range(0, len(data), chunk_bytes):
-        piece = data[start : start + chunk_bytes]
+        piece = bytes(data[start : start + chunk_bytes])  # bytes even from a bytearray result
         yield merge_pb2.MergeChunk(data=merge_pb2.DataChunk(offset=start, data=piece))
     yield merge_pb2.MergeChunk(trailer=merge_pb2.MergeTrailer(total_bytes=len(data), sha256=header.sha256))
 

@@ -4,7 +4,7 @@ The stream is verified as it arrives (contiguous data, size and sha256 against h
 a resumed stream continuing the same merge). Only a verified result can be written to disk, and it
 is written file by file through temporary names, so a reader never sees a half-written adapter.
 Data chunks arrive as ``DataView`` (``loramerge.stream.merge_method``): each payload is a view into
-the received message, kept until the adapter's bytes are joined once, at the end.
+the received message, copied once onto the end of the result.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class MergeResult:
     """A merged adapter received in full and verified against its sha256."""
 
     header: merge_pb2.MergeHeader
-    data: bytes
+    data: bytes | bytearray  # the safetensors file (a bytearray when received: no copy to bytes)
     progress: list[merge_pb2.MergeProgress] = field(default_factory=list)
     resumed: int = 0  # how many times the stream was resumed after a broken connection
 
@@ -65,7 +65,7 @@ class MergeResult:
         yield from stream_chunks(header, self.data, chunk_bytes)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes | bytearray) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
