@@ -259,6 +259,48 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
+def service_linear_exact(root: Path, threads: int) -> dict[str, Any]:
+    """The linear exact merge through a running merge service: ``Merge`` from the files to the last
+    byte received over loopback (data chunks as views, not kept). Peak RSS is the service's (VmHWM)."""
+    import grpc
+
+    from benchmarks.bench_stream import ServiceProcess
+    from loramerge.stream import DataView, merge_method
+    from loramerge.v1 import merge_pb2
+
+    args = [
+        "--listen", "127.0.0.1:0", "--metrics-port", "0", "--adapter-root", str(root),
+        "--device", "cpu", "--cache-memory-bytes", "8GiB", "--log-level", "INFO",
+        "--hub-cache-dir", str(root / "hub"), "--s3-cache-dir", str(root / "s3"),
+    ]  # fmt: skip
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        service = ServiceProcess(args)
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
+    try:
+        spec = merge_pb2.MergeSpec(ids=list(NAMES), weights=list(WEIGHTS))
+        with grpc.insecure_channel(service.address) as channel:
+            merge = merge_method(channel)
+            t0 = time.perf_counter()
+            received, digest = 0, ""
+            for item in merge(merge_pb2.MergeRequest(spec=spec), timeout=3600):
+                if isinstance(item, DataView):
+                    received += len(item.data)
+                elif item.WhichOneof("item") == "header":
+                    digest = item.header.sha256
+            seconds = time.perf_counter() - t0
+        status = Path(f"/proc/{service.proc.pid}/status").read_text()
+        hwm = next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM"))
+    finally:
+        service.close()
+    return {"seconds": seconds, "rss": hwm, "out_bytes": received, "sha256": digest}
+
+
 # ----------------------------------------------------------------------------------------- parent
 
 
@@ -378,6 +420,23 @@ def measure(
                 ]
             )
             log(f"{label}: {r['seconds']:.2f} s, RSS {r['rss'] / 2**30:.2f} GiB")
+            if strategy == "linear" and target == 0:
+                # The same merge through the running service (aim: within 3× reading + writing once).
+                log("linear exact through the merge service ...")
+                r = service_linear_exact(root, threads)
+                io_floor = read_s + r["out_bytes"] / wrate
+                out.rows.append(
+                    [
+                        "linear exact, merge service (Merge: files → bytes received)",
+                        r["seconds"],
+                        f"{r['seconds'] / io_floor:.1f}×",
+                        "–",
+                        r["rss"] / 2**30,
+                        f"{r['rss'] / (in_bytes + r['out_bytes'] + (1 << 30)):.2f}",
+                        r["sha256"][:12],
+                    ]
+                )
+                log(f"service linear exact: {r['seconds']:.2f} s")
             for module, (ours, opt) in zip(
                 sampled_modules(layers, shapes), r.get("errors", []), strict=False
             ):
