@@ -10,7 +10,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 VLLM_EXTRA := $(if $(HAS_GPU),gpu,cpu)
 PYTEST_ARGS ?=
 
-.PHONY: help setup install-runtime proto proto-check lint test test-fast bench load demo serve deploy-check clean
+.PHONY: help setup install-runtime proto proto-check readme-settings lint test test-fast bench load demo serve deploy-check clean
 
 help:
 	@echo "make setup         create .venv and install everything (idempotent)"
@@ -55,6 +55,10 @@ proto: setup
 	@# Sources in protos/, the generated Python in the client distribution that owns the contract.
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=clients --pyi_out=clients --grpc_python_out=clients \
 		protos/loramerge/v1/*.proto
+
+readme-settings:
+	$(PY) -m loramerge_common.settings_doc README.md merge=merge_service.settings:MergeSettings \
+		inference=inference_service.settings:InferenceSettings
 
 proto-check: setup
 	BUF_CACHE_DIR=$(TOOLS)/buf-cache $(BUF) lint

@@ -166,7 +166,8 @@ def rel(m: torch.Tensor, approx: torch.Tensor) -> float:
 
 def measure() -> MergeBench:
     from merge_service import strategies
-    from merge_service.engine import Part, Workspace, merge_module
+    from merge_service.adapter import LoraModule
+    from merge_service.module_merge import Workspace, merge_module
     from merge_service.pipeline import Merger
     from merge_service.sources import SourceResolver
     from merge_service.spec import AdapterRef, MergeSpec, SignMethod, Space
@@ -177,7 +178,7 @@ def measure() -> MergeBench:
     layers = lora_layers(model)
     parts = {
         name: [
-            Part(layer.lora_A[a].weight.detach(), layer.lora_B[a].weight.detach(), layer.scaling[a])
+            LoraModule(layer.lora_A[a].weight.detach(), layer.lora_B[a].weight.detach(), layer.scaling[a])
             for a in NAMES
         ]
         for name, layer in layers.items()

@@ -204,9 +204,9 @@ def module_errors(plan: Any, built: Any, device: str, modules: list[str]) -> lis
     from safetensors.torch import load as load_bytes
 
     from merge_service import strategies
-    from merge_service.adapter import load_adapter
-    from merge_service.engine import Part, delta_dense
+    from merge_service.adapter import LoraModule, load_adapter
     from merge_service.factorize import relative_tail
+    from merge_service.module_merge import delta_dense
     from merge_service.output import tensor_names
     from merge_service.pipeline import _adapter_keys
     from merge_service.strategies import MergeParams, tensor_seed
@@ -221,7 +221,7 @@ def module_errors(plan: Any, built: Any, device: str, modules: list[str]) -> lis
     out = load_bytes(built.data)
     found = []
     for m in modules:
-        parts = [Part(a.modules[m].A, a.modules[m].B, a.modules[m].scale) for a in adapters]
+        parts = [LoraModule(a.modules[m].A, a.modules[m].B, a.modules[m].scale) for a in adapters]
         dense = [delta_dense(p) for p in parts]
         seeds = [tensor_seed(params.seed, m, k, "delta") for k in keys]
         merged = strategy.fn(dense, weights, params, seeds).double()

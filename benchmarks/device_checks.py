@@ -40,7 +40,8 @@ def check_no_vllm() -> None:
 
 def check_masks(device: str) -> None:
     from merge_service import strategies
-    from merge_service.engine import Part, dense_merge
+    from merge_service.adapter import LoraModule
+    from merge_service.module_merge import dense_merge
     from merge_service.strategies import MergeParams, bernoulli_mask
 
     for seed in (1, 2**40 + 3):
@@ -48,11 +49,13 @@ def check_masks(device: str) -> None:
         dev = bernoulli_mask((257, 129), 0.3, seed, torch.device(device)).cpu()
         assert torch.equal(cpu, dev), "DARE mask differs from the CPU's"
     g = torch.Generator().manual_seed(0)
-    part = Part(torch.randn(8, 384, generator=g) + 3.0, torch.randn(512, 8, generator=g).abs() + 1.0, 1.0)
+    part = LoraModule(
+        torch.randn(8, 384, generator=g) + 3.0, torch.randn(512, 8, generator=g).abs() + 1.0, 1.0
+    )
     strategy, params = strategies.get("dare_linear"), MergeParams(density=0.4, seed=5)
     masks = []
     for dev in ("cpu", device):
-        p = Part(part.A.to(dev), part.B.to(dev), part.scale)
+        p = LoraModule(part.A.to(dev), part.B.to(dev), part.scale)
         merged, _, _ = dense_merge([p], [1.0], strategy, params, [99])
         masks.append((merged != 0).cpu())
     assert torch.equal(masks[0], masks[1]), "dare_linear keeps other entries on the device than on the CPU"

@@ -27,6 +27,7 @@ from demo.assets import CONFLICTING_PAIR, MERGEABLE_PAIR, REPO_ROOT, VARIANTS, D
 from demo.cache import ensure_assets
 from demo.serve import interrupt_on_sigterm
 from demo.services import DemoServices, running
+from loramerge.strategy_params import STRATEGIES
 from loramerge_client.aio import AsyncInferenceClient
 from loramerge_client.eval import (
     Config,
@@ -37,7 +38,6 @@ from loramerge_client.eval import (
     single_configs,
 )
 
-STRATEGIES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 SPACES = ("delta", "factors")
 
 

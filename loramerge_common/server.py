@@ -228,9 +228,6 @@ class GrpcServer:
             self._metrics = None
         log.info("server stopped")
 
-    async def wait_for_termination(self) -> None:
-        await self.server.wait_for_termination()
-
 
 async def run_server(
     server: GrpcServer, *, stop_event: asyncio.Event | None = None, handle_signals: bool = True

@@ -202,14 +202,3 @@ def describe(settings: Any) -> dict[str, Any]:
             value = str(value)
         out[f.name] = value
     return out
-
-
-def env_help(cls: type, prefix: str) -> list[tuple[str, str, str]]:
-    """(variable, default, help) for each field: for docs and deployment manifests."""
-    rows = []
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else ""
-        rows.append(
-            (env_name(prefix, f.name), "" if default is None else str(default), f.metadata.get("help", ""))
-        )
-    return rows

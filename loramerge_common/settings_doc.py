@@ -1,15 +1,18 @@
 """Configuration tables for README, generated from the settings dataclasses so they cannot drift.
 
-``python -m loramerge_common.settings_doc`` rewrites the blocks between
-``<!-- settings:NAME -->`` and ``<!-- /settings:NAME -->`` in README.md; a test fails when the
-README's tables differ from what this module generates.
+``make readme-settings`` (``python -m loramerge_common.settings_doc README.md NAME=MODULE:CLASS ...``)
+rewrites the blocks between ``<!-- settings:NAME -->`` and ``<!-- /settings:NAME -->`` in README.md from
+each named settings class (its module's ``ENV_PREFIX`` gives the variables' prefix); a test fails when
+the README's tables differ. The services are named by the caller: this shared package imports neither.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from loramerge_common.settings import env_name, flag_name, format_byte_size
@@ -32,21 +35,18 @@ def markdown_table(cls: type, prefix: str) -> str:
     return "\n".join(rows)
 
 
-def tables() -> dict[str, str]:
-    from inference_service.settings import ENV_PREFIX as INFERENCE_PREFIX
-    from inference_service.settings import InferenceSettings
-    from merge_service.settings import ENV_PREFIX as MERGE_PREFIX
-    from merge_service.settings import MergeSettings
-
-    return {
-        "merge": markdown_table(MergeSettings, MERGE_PREFIX),
-        "inference": markdown_table(InferenceSettings, INFERENCE_PREFIX),
-    }
+def load_class(target: str) -> tuple[type, str]:
+    """``"module:Class"`` → (the class, its module's ``ENV_PREFIX``)."""
+    module_name, _, class_name = target.partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, class_name), module.ENV_PREFIX
 
 
-def render(readme: str) -> str:
-    """``readme`` with every settings block replaced by the generated table."""
-    for name, table in tables().items():
+def render(readme: str, settings: Mapping[str, tuple[type, str]]) -> str:
+    """``readme`` with the block of each name in ``settings`` (name → (class, env prefix)) replaced by
+    the generated table."""
+    for name, (cls, prefix) in settings.items():
+        table = markdown_table(cls, prefix)
         pattern = re.compile(rf"(<!-- settings:{name} -->\n).*?(<!-- /settings:{name} -->)", re.S)
         if not pattern.search(readme):
             raise ValueError(f"README has no <!-- settings:{name} --> block")
@@ -54,10 +54,16 @@ def render(readme: str) -> str:
     return readme
 
 
-def main() -> int:
-    path = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("README.md")
+def main(argv: list[str]) -> int:
+    if len(argv) < 2 or not all("=" in a and ":" in a for a in argv[1:]):
+        print(
+            "usage: python -m loramerge_common.settings_doc README.md NAME=MODULE:CLASS ...", file=sys.stderr
+        )
+        return 2
+    path = Path(argv[0])
+    settings = {name: load_class(target) for name, _, target in (a.partition("=") for a in argv[1:])}
     text = path.read_text()
-    new = render(text)
+    new = render(text, settings)
     if new != text:
         path.write_text(new)
         print(f"{path}: settings tables updated")
@@ -65,4 +71,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))

@@ -115,9 +115,11 @@ class AdapterConfig:
         return any(module == t or module.endswith("." + t) for t in self.target_modules)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraModule:
-    """One adapted module: ΔW = scale · B @ A, with A (r, d_in) and B (d_out, r), float32."""
+    """One adapter's factors for one module: ΔW = scale · B @ A, with A (r, d_in) and B (d_out, r).
+
+    The loader makes them (float32); the module merge and the interference report read them."""
 
     A: torch.Tensor
     B: torch.Tensor

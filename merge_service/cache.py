@@ -28,9 +28,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from loramerge.errors import InvalidArgument
+from merge_service.merged import MergedAdapter, ModuleStat
 from merge_service.metrics import MergeMetrics
 
 log = logging.getLogger(__name__)
@@ -45,57 +46,19 @@ TMP_MARK = ".tmp-"
 STALE_TMP_SECONDS = 3600.0
 
 
-class CachedModule(NamedTuple):
-    """Per-module statistics of a merged adapter (same fields as the pipeline's ModuleStat)."""
-
-    name: str
-    rank: int
-    relative_error: float
-
-
-@dataclass(frozen=True)
-class CacheEntry:
-    """One merged adapter: the safetensors bytes and everything the Merge header reports."""
-
-    merge_key: str
-    config_json: str
-    data: bytes
-    sha256: str
-    rank: int
-    modules: tuple[CachedModule, ...]
-    base_model: str
-    build_seconds: float
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.data)
-
-    @classmethod
-    def from_built(cls, built: Any) -> CacheEntry:
-        """From a pipeline BuiltAdapter (or anything with the same attributes)."""
-        return cls(
-            merge_key=built.merge_key,
-            config_json=built.config_json,
-            data=bytes(built.data),
-            sha256=built.sha256,
-            rank=int(built.rank),
-            modules=tuple(CachedModule(m.name, int(m.rank), float(m.relative_error)) for m in built.modules),
-            base_model=built.base_model,
-            build_seconds=float(built.build_seconds),
-        )
-
-    def meta(self) -> dict[str, Any]:
-        return {
-            "version": META_VERSION,
-            "merge_key": self.merge_key,
-            "bytes": self.nbytes,
-            "sha256": self.sha256,
-            "config_json": self.config_json,
-            "rank": self.rank,
-            "modules": [list(m) for m in self.modules],
-            "base_model": self.base_model,
-            "build_seconds": self.build_seconds,
-        }
+def manifest(entry: MergedAdapter) -> dict[str, Any]:
+    """The disk tier's ``<key>.json``: everything of the entry but its bytes."""
+    return {
+        "version": META_VERSION,
+        "merge_key": entry.merge_key,
+        "bytes": entry.nbytes,
+        "sha256": entry.sha256,
+        "config_json": entry.config_json,
+        "rank": entry.rank,
+        "modules": [list(m) for m in entry.modules],
+        "base_model": entry.base_model,
+        "build_seconds": entry.build_seconds,
+    }
 
 
 @dataclass(frozen=True)
@@ -123,24 +86,24 @@ def sha256_hex(data: bytes) -> str:
 
 
 class MemoryTier:
-    """LRU of CacheEntry bounded by the sum of their data sizes."""
+    """LRU of MergedAdapter bounded by the sum of their data sizes."""
 
     def __init__(self, limit_bytes: int) -> None:
         self.limit_bytes = limit_bytes
         self.bytes = 0
-        self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
+        self._entries: OrderedDict[str, MergedAdapter] = OrderedDict()
 
-    def get(self, key: str) -> CacheEntry | None:
+    def get(self, key: str) -> MergedAdapter | None:
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)
         return entry
 
-    def peek(self, key: str) -> CacheEntry | None:
+    def peek(self, key: str) -> MergedAdapter | None:
         """Like get, without refreshing the entry's place in the LRU order."""
         return self._entries.get(key)
 
-    def put(self, entry: CacheEntry) -> list[str]:
+    def put(self, entry: MergedAdapter) -> list[str]:
         """Insert (or refresh) ``entry``; returns the keys dropped to make room. An entry above the
         bound is not stored."""
         self.pop(entry.merge_key)
@@ -155,7 +118,7 @@ class MemoryTier:
         self.bytes += entry.nbytes
         return dropped
 
-    def pop(self, key: str) -> CacheEntry | None:
+    def pop(self, key: str) -> MergedAdapter | None:
         entry = self._entries.pop(key, None)
         if entry is not None:
             self.bytes -= entry.nbytes
@@ -231,7 +194,7 @@ class DiskTier:
             return None
         return meta
 
-    def get(self, key: str) -> CacheEntry | None:
+    def get(self, key: str) -> MergedAdapter | None:
         meta = self.read_meta(key)
         if meta is None:
             return None
@@ -244,13 +207,13 @@ class DiskTier:
             self._corrupt(key, "size or sha256 mismatch")
             return None
         try:
-            entry = CacheEntry(
+            entry = MergedAdapter(
                 merge_key=key,
                 config_json=str(meta["config_json"]),
                 data=data,
                 sha256=str(meta["sha256"]),
                 rank=int(meta["rank"]),
-                modules=tuple(CachedModule(str(n), int(r), float(e)) for n, r, e in meta["modules"]),
+                modules=tuple(ModuleStat(str(n), int(r), float(e)) for n, r, e in meta["modules"]),
                 base_model=str(meta["base_model"]),
                 build_seconds=float(meta["build_seconds"]),
             )
@@ -263,12 +226,12 @@ class DiskTier:
                 os.utime(p, (now, now))
         return entry
 
-    def put(self, entry: CacheEntry) -> list[str]:
+    def put(self, entry: MergedAdapter) -> list[str]:
         """Store ``entry`` (data first, manifest last); returns keys dropped to stay within the bound."""
         if entry.nbytes > self.limit_bytes:
             return []
         atomic_write(self._data(entry.merge_key), entry.data)
-        atomic_write(self._meta(entry.merge_key), json.dumps(entry.meta()).encode())
+        atomic_write(self._meta(entry.merge_key), json.dumps(manifest(entry)).encode())
         return self._shrink(keep=entry.merge_key)
 
     def remove(self, key: str) -> bool:
@@ -340,7 +303,7 @@ class MergeCache:
         if self.metrics:
             self.metrics.cache_bytes.labels(tier="memory").set(self.memory.bytes)
 
-    def get_memory(self, key: str) -> CacheEntry | None:
+    def get_memory(self, key: str) -> MergedAdapter | None:
         """The memory tier only: counts a memory hit, but a miss is counted by ``get``."""
         with self._lock:
             entry = self.memory.get(key)
@@ -349,7 +312,7 @@ class MergeCache:
                 self._hits[key] = self._hits.get(key, 0) + 1
             return entry
 
-    def get(self, key: str) -> CacheEntry | None:
+    def get(self, key: str) -> MergedAdapter | None:
         """Memory, then disk (a disk hit is copied into memory)."""
         entry = self.get_memory(key)
         if entry is not None:
@@ -365,7 +328,7 @@ class MergeCache:
                 self._hits[key] = self._hits.get(key, 0) + 1
         return entry
 
-    def _put_memory(self, entry: CacheEntry) -> None:
+    def _put_memory(self, entry: MergedAdapter) -> None:
         dropped = self.memory.put(entry)
         if self.metrics and dropped:
             self.metrics.cache_evictions.labels(tier="memory").inc(len(dropped))
@@ -379,7 +342,7 @@ class MergeCache:
                 if not still_in(key):
                     self._hits.pop(key, None)
 
-    def put(self, entry: CacheEntry) -> None:
+    def put(self, entry: MergedAdapter) -> None:
         """Store in both tiers. A disk failure is logged and leaves the memory tier serving."""
         with self._lock:
             self._put_memory(entry)

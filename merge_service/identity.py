@@ -15,19 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 from collections.abc import Sequence
 
 from merge_service import strategies
-from merge_service.spec import MergeSpec
+from merge_service.spec import MergeSpec, f32
+
+__all__ = ["ALGORITHM_VERSION", "canonical", "derived_seed", "encode", "f32", "merge_key"]
 
 # Bump whenever a change in the math or the output format changes the bytes for the same request.
 ALGORITHM_VERSION = 1
-
-
-def f32(x: float) -> float:
-    """x rounded to the nearest float32 (the precision weights and density have on the wire)."""
-    return struct.unpack("<f", struct.pack("<f", float(x)))[0]
 
 
 def canonical(spec: MergeSpec, digests: Sequence[str], rank: int, *, with_seed: bool = True) -> dict:
@@ -49,8 +45,6 @@ def canonical(spec: MergeSpec, digests: Sequence[str], rank: int, *, with_seed: 
         doc["sign_method"] = str(spec.sign_method)
     if strategy.random and with_seed:
         doc["seed"] = int(spec.seed) if spec.seed is not None else None
-    if spec.extra:
-        doc["extra"] = {k: f32(v).hex() for k, v in sorted(spec.extra.items())}
     return doc
 
 

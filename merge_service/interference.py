@@ -39,15 +39,6 @@ DEFAULT_MAX_ENTRIES = 1 << 15  # sampled entries per module for the sign statist
 
 
 @dataclass(frozen=True)
-class Factors:
-    """One adapter's module as factors: ΔW = scale · B @ A (the weight folded into scale)."""
-
-    A: torch.Tensor  # (r, d_in)
-    B: torch.Tensor  # (d_out, r)
-    scale: float
-
-
-@dataclass(frozen=True)
 class PairStats:
     """Interference of one adapter pair over one module (or overall)."""
 
@@ -108,14 +99,14 @@ class InterferenceResult:
     seconds: float
 
 
-def factor_inner(f1: Factors, f2: Factors) -> float:
+def factor_inner(f1: LoraModule, f2: LoraModule) -> float:
     """⟨s₁B₁A₁, s₂B₂A₂⟩_F = s₁ s₂ tr((B₁ᵀB₂)(A₂A₁ᵀ)), in O((d_out + d_in) r₁ r₂), in float64."""
     gb = f1.B.double().T @ f2.B.double()  # (r1, r2)
     ga = f2.A.double() @ f1.A.double().T  # (r2, r1)
     return f1.scale * f2.scale * float(torch.trace(gb @ ga))
 
 
-def factor_norm_sq(f: Factors) -> float:
+def factor_norm_sq(f: LoraModule) -> float:
     """‖sBA‖_F² = s² tr((BᵀB)(AAᵀ)), in float64."""
     return factor_inner(f, f)
 
@@ -128,7 +119,7 @@ def sample_rows(d_out: int, d_in: int, max_entries: int) -> torch.Tensor:
     return torch.linspace(0, d_out - 1, n).round().long().unique()
 
 
-def sampled_rows(f: Factors, rows: torch.Tensor) -> torch.Tensor:
+def sampled_rows(f: LoraModule, rows: torch.Tensor) -> torch.Tensor:
     """ΔW[rows] = s · B[rows] @ A: the sampled rows of the dense update, flattened."""
     return (f.scale * (f.B[rows] @ f.A)).flatten()
 
@@ -152,8 +143,8 @@ def sign_counts(v1: torch.Tensor, v2: torch.Tensor, density: float) -> tuple[int
 
 
 def module_pair(
-    f1: Factors | None,
-    f2: Factors | None,
+    f1: LoraModule | None,
+    f2: LoraModule | None,
     d_out: int,
     d_in: int,
     density: float,
@@ -170,7 +161,7 @@ def module_pair(
 
 
 def interference(
-    adapters: Sequence[dict[str, Factors]],
+    adapters: Sequence[dict[str, LoraModule]],
     *,
     density: float = DEFAULT_DENSITY,
     max_entries: int = DEFAULT_MAX_ENTRIES,
@@ -200,9 +191,9 @@ def interference(
     return InterferenceResult(norms, tuple(pairs), density, max_entries, time.perf_counter() - t0)
 
 
-def adapter_factors(modules: Mapping[str, LoraModule], weight: float) -> dict[str, Factors]:
-    """Module name → Factors of a loaded adapter, the merge weight folded into the scale."""
-    return {name: Factors(m.A, m.B, weight * m.scale) for name, m in modules.items()}
+def adapter_factors(modules: Mapping[str, LoraModule], weight: float) -> dict[str, LoraModule]:
+    """A loaded adapter's modules with the merge weight folded into each scale."""
+    return {name: LoraModule(m.A, m.B, weight * m.scale) for name, m in modules.items()}
 
 
 def plan_interference(plan: Plan) -> InterferenceResult:

@@ -20,16 +20,14 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from loramerge.errors import FailedPrecondition
 from loramerge.peft import CONFIG_FILE, WEIGHTS_FILE
+from merge_service.merged import MergedAdapter
 from merge_service.spec import Dtype
-
-if TYPE_CHECKING:
-    from merge_service.pipeline import BuiltAdapter
 
 PEFT_PREFIX = "base_model.model."
 SIDECAR_FILE = "loramerge.json"
@@ -116,7 +114,7 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def write_peft_dir(built: BuiltAdapter, out_dir: Path, *, overwrite: bool = False) -> None:
+def write_peft_dir(built: MergedAdapter, out_dir: Path, *, overwrite: bool = False) -> None:
     """Write the adapter as a PEFT directory, atomically: files go to a temporary sibling directory
     which is then renamed into place, so readers see either nothing or the whole adapter.
 

@@ -34,15 +34,17 @@ from merge_service import strategies
 from merge_service.adapter import (
     AdapterConfig,
     LoraAdapter,
+    LoraModule,
     all_finite,
     check_structure,
     load_adapter,
     read_config,
     read_safetensors_header,
 )
-from merge_service.engine import Part, Workspace, merge_module, pad_rank
 from merge_service.estimate import ModuleWork, estimate_build_seconds
 from merge_service.identity import ALGORITHM_VERSION, canonical, derived_seed, encode, merge_key
+from merge_service.merged import MergedAdapter, ModuleStat
+from merge_service.module_merge import Workspace, merge_module, pad_rank
 from merge_service.output import (
     SIDECAR_FILE,
     TORCH_DTYPES,
@@ -50,26 +52,18 @@ from merge_service.output import (
     config_json,
     safetensors_bytes,
     tensor_names,
-    write_peft_dir,
 )
 from merge_service.sources.base import ResolvedSource
 from merge_service.spec import AdapterRef, MergeSpec, Space
 from merge_service.strategies import MergeParams
 
-__all__ = ["BuiltAdapter", "Merger", "ModuleStat", "Plan", "SourceResolver", "write_peft_dir"]
+__all__ = ["Merger", "ModuleShape", "Plan", "SourceResolver"]
 
 Progress = Callable[[str, int, int], None]
 
 
 class SourceResolver(Protocol):
     def resolve(self, ref: AdapterRef, field: str = "adapter") -> ResolvedSource: ...
-
-
-@dataclass(frozen=True)
-class ModuleStat:
-    name: str
-    rank: int
-    relative_error: float
 
 
 @dataclass(frozen=True)
@@ -97,24 +91,6 @@ class Plan:
     # The configs the plan read (spec.adapters order): callers reuse them instead of reading the files
     # again (a second read could see other content, and would lose the spec's field names).
     configs: tuple[AdapterConfig, ...] = ()
-
-
-@dataclass(frozen=True)
-class BuiltAdapter:
-    merge_key: str
-    config_json: str
-    data: bytes  # adapter_model.safetensors bytes
-    sha256: str
-    rank: int
-    modules: tuple[ModuleStat, ...]
-    base_model: str
-    build_seconds: float
-    device: str = "cpu"
-    record_json: str = ""  # the sidecar loramerge.json: how this adapter was made
-
-    @property
-    def max_relative_error(self) -> float:
-        return max((m.relative_error for m in self.modules), default=0.0)
 
 
 def pick_device(device: str) -> str:
@@ -301,7 +277,7 @@ class Merger:
         return tuple(out)
 
     # ------------------------------------------------------------------------------------ build
-    def build(self, plan: Plan, progress: Progress | None = None) -> BuiltAdapter:
+    def build(self, plan: Plan, progress: Progress | None = None) -> MergedAdapter:
         """Load the adapters and merge module by module. Same plan ⇒ byte-identical ``data``."""
         t0 = time.perf_counter()
         device = pick_device(self.device)
@@ -331,7 +307,7 @@ class Merger:
             base_model=plan.base_model,
             task_type=plan.task_type,
         )
-        return BuiltAdapter(
+        return MergedAdapter(
             merge_key=plan.merge_key,
             config_json=config_json(config),
             data=data,
@@ -364,10 +340,7 @@ class Merger:
         tensors: dict[str, torch.Tensor] = {}
         stats: list[ModuleStat] = []
         for n, shape in enumerate(plan.modules):
-            parts = []
-            for a in adapters:
-                mod = a.modules.get(shape.name)
-                parts.append(None if mod is None else Part(mod.A, mod.B, mod.scale))
+            parts = [a.modules.get(shape.name) for a in adapters]
             self._check_loaded(shape, parts, adapters)
             with torch.no_grad():
                 try:
@@ -389,7 +362,9 @@ class Merger:
         return tensors, stats
 
     @staticmethod
-    def _check_loaded(shape: ModuleShape, parts: list[Part | None], adapters: list[LoraAdapter]) -> None:
+    def _check_loaded(
+        shape: ModuleShape, parts: list[LoraModule | None], adapters: list[LoraAdapter]
+    ) -> None:
         """The files may have changed between plan and build: refuse to key different content."""
         for p, a in zip(parts, adapters, strict=True):
             if p is not None and (p.B.shape[0], p.A.shape[1]) != (shape.d_out, shape.d_in):

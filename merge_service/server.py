@@ -1,4 +1,4 @@
-"""Wire the merge service together: sources, merger, cache, single-flight, servicer, gRPC server."""
+"""Wire the merge service together: sources, merger, cache, single-flight, builds, servicer, gRPC server."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from loramerge.stream import serialize_chunk
 from loramerge.v1 import merge_pb2, merge_pb2_grpc
 from loramerge_common.metrics import RpcMetrics
 from loramerge_common.server import GrpcServer, Service
+from merge_service.builds import BuildResult, Builds
 from merge_service.cache import MergeCache
 from merge_service.metrics import MergeMetrics
 from merge_service.pipeline import Merger
-from merge_service.servicer import BuildResult, MergeServicer
+from merge_service.servicer import MergeServicer
 from merge_service.settings import MergeSettings
 from merge_service.singleflight import SingleFlight
 from merge_service.sources import SourceResolver
@@ -96,15 +97,8 @@ def build_server(
     flights: SingleFlight[BuildResult] = SingleFlight(
         settings.max_concurrent_builds, metrics, max_queued=settings.max_queued_builds
     )
-    servicer = MergeServicer(
-        merger,
-        cache,
-        flights,
-        metrics,
-        chunk_bytes=settings.chunk_bytes,
-        max_adapters=settings.max_adapters,
-        rpc_metrics=rpc_metrics,
-    )
+    builds = Builds(merger, cache, flights, metrics, chunk_bytes=settings.chunk_bytes)
+    servicer = MergeServicer(builds, max_adapters=settings.max_adapters, rpc_metrics=rpc_metrics)
 
     async def close_builds() -> None:
         await flights.close(timeout=0)

@@ -1,8 +1,7 @@
-"""The MergeService gRPC servicer: parse, validate, call the merge domain, stream the result.
+"""The MergeService gRPC servicer: requests into specs, ``Builds`` results into messages.
 
-Merge streams ``progress* -> header -> data* -> trailer``. A cache hit streams at once; a miss joins
-(or starts) the single build for its merge key, passing on its progress events. Domain errors become
-statuses through ``rpc_method``; a failed build caches nothing.
+Merge streams ``progress* -> header -> data* -> trailer`` (what to stream, and from where, is
+``builds.py``'s). Domain errors become statuses through ``rpc_method``.
 """
 
 from __future__ import annotations
@@ -11,85 +10,36 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from functools import partial
 
 import grpc.aio
 
-from loramerge.errors import FailedPrecondition, InvalidArgument, LoramergeError, shown
+from loramerge.errors import FailedPrecondition, InvalidArgument, shown
 from loramerge.peft import WEIGHTS_FILE
 from loramerge.stream import encode_data_chunk
 from loramerge.v1 import merge_pb2, merge_pb2_grpc
 from loramerge_common.metrics import RpcMetrics
 from loramerge_common.rpc import rpc_method
 from merge_service import interference
-from merge_service.cache import CacheEntry, MergeCache, check_key
+from merge_service.builds import Builds, Ready
+from merge_service.cache import check_key
 from merge_service.convert import module_stats, resolved_adapter, spec_from_proto, spec_to_proto
-from merge_service.metrics import MergeMetrics
-from merge_service.pipeline import Merger, Plan
-from merge_service.singleflight import ProgressFn, SingleFlight
+from merge_service.pipeline import Plan
 
 log = logging.getLogger(__name__)
-
-# What a build hands its waiters: the entry, and whether it was merged now (False: read from disk).
-BuildResult = tuple[CacheEntry, bool]
 
 
 class MergeServicer(merge_pb2_grpc.MergeServiceServicer):
     def __init__(
-        self,
-        merger: Merger,
-        cache: MergeCache,
-        flights: SingleFlight[BuildResult],
-        metrics: MergeMetrics,
-        *,
-        chunk_bytes: int,
-        max_adapters: int = 0,
-        rpc_metrics: RpcMetrics | None = None,
+        self, builds: Builds, *, max_adapters: int = 0, rpc_metrics: RpcMetrics | None = None
     ) -> None:
-        self.merger = merger
-        self.cache = cache
-        self.flights = flights
-        self.metrics = metrics
-        self.chunk_bytes = chunk_bytes
+        self.builds = builds
+        self.merger = builds.merger
+        self.cache = builds.cache
         self.max_adapters = max_adapters
         self.rpc_metrics = rpc_metrics
 
     async def _plan(self, request: merge_pb2.MergeRequest) -> Plan:
-        spec = spec_from_proto(request.spec, max_adapters=self.max_adapters)
-        return await asyncio.to_thread(self.merger.plan, spec)
-
-    def _build(self, plan: Plan, progress: ProgressFn) -> BuildResult:
-        """Runs in a build thread, once per key at a time: the disk tier first, else merge and cache."""
-        entry = self.cache.get(plan.merge_key)
-        if entry is not None:
-            return entry, False
-        try:
-            built = self.merger.build(plan, progress)
-        except LoramergeError as e:
-            self.metrics.build_failures.labels(code=e.code.name).inc()
-            raise
-        except Exception:
-            self.metrics.build_failures.labels(code="INTERNAL").inc()
-            raise
-        entry = CacheEntry.from_built(built)
-        self.cache.put(entry)
-        self.metrics.builds.inc()
-        self.metrics.merge_seconds.labels(
-            strategy=str(plan.spec.strategy), space=str(plan.spec.space)
-        ).observe(built.build_seconds)
-        log.info(
-            "merge built",
-            extra={
-                "merge_key": plan.merge_key,
-                "strategy": str(plan.spec.strategy),
-                "space": str(plan.spec.space),
-                "adapters": len(plan.sources),
-                "rank": built.rank,
-                "bytes": len(built.data),
-                "build_seconds": round(built.build_seconds, 4),
-            },
-        )
-        return entry, True
+        return await self.builds.plan(spec_from_proto(request.spec, max_adapters=self.max_adapters))
 
     @rpc_method
     async def Merge(
@@ -105,54 +55,42 @@ class MergeServicer(merge_pb2_grpc.MergeServiceServicer):
                 "the adapters or parameters changed since the first attempt; restart from offset 0",
                 field="expected_merge_key",
             )
-        entry = self.cache.get_memory(key)
-        cache_hit = entry is not None
-        if entry is None:
-            with self.flights.begin(key, partial(self._build, plan)) as ticket:
-                async for event in ticket.events():
-                    yield merge_pb2.MergeChunk(
-                        progress=merge_pb2.MergeProgress(
-                            stage=event.stage, done=event.done, total=event.total
-                        )
-                    )
-                entry, built = await ticket.result()
-            cache_hit = not built
-
-        total = entry.nbytes
-        offset = request.resume_offset
-        if offset > total:
-            raise InvalidArgument(
-                f"resume_offset {offset} is past the end of the {total}-byte adapter", field="resume_offset"
-            )
+        async for event in self.builds.obtain(plan):
+            if isinstance(event, Ready):
+                ready = event
+            else:
+                yield merge_pb2.MergeChunk(
+                    progress=merge_pb2.MergeProgress(stage=event.stage, done=event.done, total=event.total)
+                )
+        adapter, offset = ready.adapter, request.resume_offset
+        pieces = self.builds.slices(adapter, offset)
         yield merge_pb2.MergeChunk(
             header=merge_pb2.MergeHeader(
                 merge_key=key,
-                adapter_config_json=entry.config_json,
-                total_bytes=total,
-                sha256=entry.sha256,
-                rank=entry.rank,
-                modules=module_stats(entry.modules),
-                cache_hit=cache_hit,
-                build_seconds=entry.build_seconds,
-                base_model=entry.base_model,
+                adapter_config_json=adapter.config_json,
+                total_bytes=adapter.nbytes,
+                sha256=adapter.sha256,
+                rank=adapter.rank,
+                modules=module_stats(adapter.modules),
+                cache_hit=ready.cache_hit,
+                build_seconds=adapter.build_seconds,
+                base_model=adapter.base_model,
                 offset=offset,
                 file_name=WEIGHTS_FILE,
             )
         )
-        data = memoryview(entry.data)
-        step = self.chunk_bytes
-        for start in range(offset, total, step):
-            piece = data[start : start + step]
-            # Pre-encoded MergeChunk bytes (see chunks.py): one copy of the payload instead of three.
+        for start, piece in pieces:
+            # Pre-encoded MergeChunk bytes (loramerge/stream.py): one copy of the payload, not three.
             yield encode_data_chunk(start, piece)
-            self.metrics.bytes_streamed.inc(len(piece))
-        yield merge_pb2.MergeChunk(trailer=merge_pb2.MergeTrailer(total_bytes=total, sha256=entry.sha256))
+        yield merge_pb2.MergeChunk(
+            trailer=merge_pb2.MergeTrailer(total_bytes=adapter.nbytes, sha256=adapter.sha256)
+        )
         log.info(
             "merge streamed",
             extra={
                 "merge_key": key,
-                "cache_hit": cache_hit,
-                "bytes": total - offset,
+                "cache_hit": ready.cache_hit,
+                "bytes": adapter.nbytes - offset,
                 "offset": offset,
                 "seconds": round(time.perf_counter() - t0, 4),
             },
@@ -163,10 +101,9 @@ class MergeServicer(merge_pb2_grpc.MergeServiceServicer):
         self, request: merge_pb2.MergeRequest, context: grpc.aio.ServicerContext
     ) -> merge_pb2.PlanResponse:
         plan = await self._plan(request)
-        configs = plan.configs  # as planned: no second read of the files
         report = None
         if request.interference:
-            report = interference.to_proto(await asyncio.to_thread(interference.plan_interference, plan))
+            report = interference.to_proto(await self.builds.interference(plan))
         cached = self.cache.contains(plan.merge_key)
         return merge_pb2.PlanResponse(
             merge_key=plan.merge_key,
@@ -174,8 +111,8 @@ class MergeServicer(merge_pb2_grpc.MergeServiceServicer):
             estimated_bytes=plan.estimated_bytes,
             cached=cached,
             adapters=[
-                resolved_adapter(src, ref.weight, cfg)
-                for src, ref, cfg in zip(plan.sources, plan.spec.adapters, configs, strict=True)
+                resolved_adapter(src, ref.weight, cfg)  # the configs as planned: no second read of the files
+                for src, ref, cfg in zip(plan.sources, plan.spec.adapters, plan.configs, strict=True)
             ],
             base_model=plan.base_model,
             effective_spec=spec_to_proto(plan.spec),

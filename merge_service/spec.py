@@ -7,13 +7,23 @@ them from flags. Validation that needs no I/O lives here (``MergeSpec.validate``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+import struct
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from loramerge.errors import FailedPrecondition, InvalidArgument, shown
+from merge_service import strategies
+from merge_service.strategies import SignMethod, Strategy
+
+__all__ = ["AdapterRef", "Dtype", "MergeSpec", "SignMethod", "SourceKind", "Space", "Strategy", "f32"]
 
 MAX_SEED = 2**64 - 1
 F32_MAX = 3.4028234663852886e38  # weights travel as float32
+
+
+def f32(x: float) -> float:
+    """x rounded to the nearest float32 (the precision weights and density have on the wire)."""
+    return struct.unpack("<f", struct.pack("<f", float(x)))[0]
 
 
 class SourceKind(StrEnum):
@@ -21,19 +31,6 @@ class SourceKind(StrEnum):
     HUB = "hub"
     LOCAL = "local"
     S3 = "s3"
-
-
-class Strategy(StrEnum):
-    LINEAR = "linear"
-    TIES = "ties"
-    DARE_LINEAR = "dare_linear"
-    DARE_TIES = "dare_ties"
-    MAGNITUDE_PRUNE = "magnitude_prune"
-
-
-class SignMethod(StrEnum):
-    TOTAL = "total"
-    FREQUENCY = "frequency"
 
 
 class Space(StrEnum):
@@ -66,13 +63,10 @@ class MergeSpec:
     target_rank: int = 0  # 0: exact rank where possible, capped by max_rank
     dtype: Dtype = Dtype.FLOAT32
     max_rank: int = 0  # 0: no limit
-    extra: dict[str, float] = field(default_factory=dict)  # parameters of strategies added later
 
     def validate(self) -> None:
         """Check everything that needs no I/O; raise InvalidArgument (or FailedPrecondition for a rank
         above max_rank) naming the field and the offending value."""
-        from merge_service import strategies
-
         if not self.adapters:
             raise InvalidArgument(
                 "spec.adapters must name at least one adapter, got none", field="spec.adapters"
@@ -142,18 +136,10 @@ class MergeSpec:
                 "(the highest rank the engine can load)",
                 field="spec.target_rank",
             )
-        if self.extra:
-            raise InvalidArgument(
-                f"spec.extra: strategy {shown(name)} takes no extra parameters, got {sorted(self.extra)}",
-                field="spec.extra",
-            )
 
     def normalized(self) -> MergeSpec:
         """This spec with enums coerced, weights and density rounded to float32 (their wire precision),
         and parameters the strategy does not read dropped (density, seed) or reset (sign method)."""
-        from merge_service import strategies
-        from merge_service.identity import f32
-
         strategy = strategies.get(str(self.strategy))
         return replace(
             self,

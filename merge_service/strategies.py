@@ -17,8 +17,12 @@ density·2⁶⁴. Raw SFC64 output is part of numpy's stability guarantee (unlik
 torch's generators), the stream can be consumed in blocks of any size with the same result, and it
 runs on the CPU whatever the device: CPU and CUDA merges draw identical masks.
 
-Each strategy is a prune step (none, magnitude, random) and a combine step (weighted sum, or TIES'
-sign election with disjoint mean); the blocked dense engine reads those two declarations.
+Each strategy is a prune step (``Prune``) and a combine step (``Combine``); the blocked dense merge
+(``module_merge.py``) reads those two declarations.
+
+A new strategy is one ``@register`` entry here plus its value in ``merge.proto``'s ``MergeStrategy``,
+whose ``(strategy_params)`` option declares the same parameters for remote clients (a test checks that
+the two agree). ``Strategy``, the enum the rest of the service uses, is built from this registry.
 """
 
 from __future__ import annotations
@@ -27,11 +31,34 @@ import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
 import torch
 
-from merge_service.spec import SignMethod, Strategy
+
+class SignMethod(StrEnum):
+    TOTAL = "total"
+    FREQUENCY = "frequency"
+
+
+class Param(StrEnum):
+    """The request parameters a strategy may read."""
+
+    DENSITY = "density"
+    SIGN_METHOD = "sign_method"
+    SEED = "seed"
+
+
+class Prune(StrEnum):
+    NONE = "none"
+    MAGNITUDE = "magnitude"  # keep the top floor(density·numel) |values|
+    RANDOM = "random"  # DARE: keep with probability density, rescale by 1/density
+
+
+class Combine(StrEnum):
+    SUM = "sum"  # Σ w_i P_i
+    DISJOINT = "disjoint"  # TIES sign election + disjoint mean
 
 
 @dataclass(frozen=True)
@@ -52,45 +79,50 @@ MergeFn = Callable[[Sequence[torch.Tensor], Sequence[float], MergeParams, Sequen
 class StrategyDef:
     name: str
     fn: MergeFn
-    params: frozenset[str]  # request parameters read: "density", "sign_method", "seed"
-    prune: str  # "none" | "magnitude" | "random"
-    combine: str  # "sum" (Σ w_i P_i) | "disjoint" (TIES sign election + disjoint mean)
+    params: frozenset[Param]  # the request parameters it reads
+    prune: Prune
+    combine: Combine
     doc: str
 
     @property
     def linear(self) -> bool:
         """Σ w_i T_i exactly: delta space may merge by rank concatenation, no dense matrix."""
-        return self.prune == "none" and self.combine == "sum"
+        return self.prune == Prune.NONE and self.combine == Combine.SUM
 
     @property
     def uses_density(self) -> bool:
-        return "density" in self.params
+        return Param.DENSITY in self.params
 
     @property
     def uses_sign_method(self) -> bool:
-        return "sign_method" in self.params
+        return Param.SIGN_METHOD in self.params
 
     @property
     def random(self) -> bool:
-        return "seed" in self.params
+        return Param.SEED in self.params
 
 
 REGISTRY: dict[str, StrategyDef] = {}
 
 
 def register(
-    name: str, *, params: Sequence[str] = (), prune: str = "none", combine: str = "sum"
+    name: str, *, params: Sequence[Param] = (), prune: Prune = Prune.NONE, combine: Combine = Combine.SUM
 ) -> Callable[[MergeFn], MergeFn]:
-    assert prune in ("none", "magnitude", "random") and combine in ("sum", "disjoint")
-
     def deco(fn: MergeFn) -> MergeFn:
-        REGISTRY[name] = StrategyDef(name, fn, frozenset(params), prune, combine, (fn.__doc__ or "").strip())
+        REGISTRY[name] = StrategyDef(
+            name,
+            fn,
+            frozenset(map(Param, params)),
+            Prune(prune),
+            Combine(combine),
+            (fn.__doc__ or "").strip(),
+        )
         return fn
 
     return deco
 
 
-def get(name: str | Strategy) -> StrategyDef:
+def get(name: str) -> StrategyDef:
     """The registered strategy ``name``; KeyError when unknown (spec validation reports it first)."""
     return REGISTRY[str(name)]
 
@@ -209,7 +241,7 @@ def linear(
     return weighted_sum(tensors, weights)
 
 
-@register("magnitude_prune", params=("density",), prune="magnitude")
+@register("magnitude_prune", params=(Param.DENSITY,), prune=Prune.MAGNITUDE)
 def magnitude_prune(
     tensors: Sequence[torch.Tensor], weights: Sequence[float], params: MergeParams, seeds: Sequence[int]
 ) -> torch.Tensor:
@@ -217,7 +249,7 @@ def magnitude_prune(
     return weighted_sum([magnitude_prune_tensor(t, params.density) for t in tensors], weights)
 
 
-@register("ties", params=("density", "sign_method"), prune="magnitude", combine="disjoint")
+@register("ties", params=(Param.DENSITY, Param.SIGN_METHOD), prune=Prune.MAGNITUDE, combine=Combine.DISJOINT)
 def ties(
     tensors: Sequence[torch.Tensor], weights: Sequence[float], params: MergeParams, seeds: Sequence[int]
 ) -> torch.Tensor:
@@ -226,7 +258,7 @@ def ties(
     return _ties_merge(pruned, weights, params.sign_method)
 
 
-@register("dare_linear", params=("density", "seed"), prune="random")
+@register("dare_linear", params=(Param.DENSITY, Param.SEED), prune=Prune.RANDOM)
 def dare_linear(
     tensors: Sequence[torch.Tensor], weights: Sequence[float], params: MergeParams, seeds: Sequence[int]
 ) -> torch.Tensor:
@@ -235,10 +267,20 @@ def dare_linear(
     return weighted_sum(pruned, weights)
 
 
-@register("dare_ties", params=("density", "sign_method", "seed"), prune="random", combine="disjoint")
+@register(
+    "dare_ties",
+    params=(Param.DENSITY, Param.SIGN_METHOD, Param.SEED),
+    prune=Prune.RANDOM,
+    combine=Combine.DISJOINT,
+)
 def dare_ties(
     tensors: Sequence[torch.Tensor], weights: Sequence[float], params: MergeParams, seeds: Sequence[int]
 ) -> torch.Tensor:
     """DARE-TIES: the DARE P_i, then the TIES sign election and disjoint weighted mean."""
     pruned = [dare_prune_tensor(t, params.density, s) for t, s in zip(tensors, seeds, strict=True)]
     return _ties_merge(pruned, weights, params.sign_method)
+
+
+# The strategy names as an enum (Strategy.TIES == "ties"), made from the registry above: the names are
+# written once, in the @register lines.
+Strategy = StrEnum("Strategy", {name.upper(): name for name in REGISTRY})  # type: ignore[misc]

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from loramerge.errors import InvalidArgument, LoramergeError
+from loramerge.strategy_params import DENSITY_STRATEGIES
 from loramerge_client.types import Adapter, AdapterChoice, MergedAdapters, SamplingParams
 
 # ---------------------------------------------------------------- scorers
@@ -63,7 +64,6 @@ SCORERS: dict[str, Callable[[str, str], float]] = {
     "contains": score_contains,
 }
 SCORER_ALIASES = {"exact_match": "exact", "case_insensitive": "casefold", "ratio": "similarity"}
-DENSITY_STRATEGIES = frozenset({"ties", "dare_linear", "dare_ties", "magnitude_prune"})
 
 # ---------------------------------------------------------------- suite
 

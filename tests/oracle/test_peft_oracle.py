@@ -19,7 +19,8 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
-from merge_service.pipeline import Merger, write_peft_dir
+from merge_service.output import write_peft_dir
+from merge_service.pipeline import Merger
 from merge_service.sources import SourceResolver
 from merge_service.spec import AdapterRef, MergeSpec, SignMethod, Strategy
 

@@ -74,7 +74,7 @@ def test_new_merges_beyond_the_queue_are_refused_while_joiners_wait(
         running = pool.submit(merge, 0.1)
         assert started.wait(60)
         queued = pool.submit(merge, 0.2)
-        flights = holder["servicer"].flights
+        flights = holder["servicer"].builds.flights
         deadline = time.monotonic() + 30
         while len(flights.in_flight()) < 2 and time.monotonic() < deadline:
             time.sleep(0.02)

@@ -25,7 +25,8 @@ from safetensors.torch import load as load_safetensors
 from loramerge.errors import violations_from_status
 from loramerge.v1 import merge_pb2, merge_pb2_grpc
 from loramerge_common.testing import ServerThread
-from merge_service.cache import CacheEntry, sha256_hex
+from merge_service.cache import sha256_hex
+from merge_service.merged import MergedAdapter
 from merge_service.server import build_server
 from merge_service.settings import MergeSettings
 from merge_service.sources import SourceResolver
@@ -352,7 +353,7 @@ def test_client_cancellation_stops_the_stream(served) -> None:
     spec = spec_msg(("b", 0.123))
     key = stub.Plan(P.MergeRequest(spec=spec), timeout=60).merge_key
     data = bytes(range(256)) * (128 << 10)  # 32 MiB under the real key: streaming is what is tested
-    servicer.cache.put(CacheEntry(key, "{}", data, sha256_hex(data), 4, (), "tiny", 0.0))
+    servicer.cache.put(MergedAdapter(key, "{}", data, sha256_hex(data), 4, (), "tiny", 0.0))
     sent_before = metric(server, "loramerge_merge_bytes_streamed_total")
     cancelled_before = metric(server, "loramerge_rpc_errors_total", '{code="CANCELLED",method="Merge"}')
     call = stub.Merge(P.MergeRequest(spec=spec), timeout=60)

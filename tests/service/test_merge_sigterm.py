@@ -16,7 +16,8 @@ import grpc
 import pytest
 
 from loramerge.v1 import merge_pb2, merge_pb2_grpc
-from merge_service.cache import CacheEntry, DiskTier, sha256_hex
+from merge_service.cache import DiskTier, sha256_hex
+from merge_service.merged import MergedAdapter
 
 TOKEN_MARKER = "hf_neverLogThisToken123"
 
@@ -69,7 +70,7 @@ def test_sigterm_finishes_the_stream_in_flight_and_refuses_new_calls(
             # stream is long enough to be in flight when the signal lands.
             data = os.urandom(32 << 20)
             DiskTier(cache_dir, 1 << 30).put(
-                CacheEntry(key, "{}", data, sha256_hex(data), 12, (), "tiny", 0.0)
+                MergedAdapter(key, "{}", data, sha256_hex(data), 12, (), "tiny", 0.0)
             )
 
             stream = stub.Merge(merge_pb2.MergeRequest(spec=spec), timeout=120)

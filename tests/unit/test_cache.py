@@ -15,25 +15,24 @@ from loramerge_common.metrics import sample_value
 from merge_service.cache import (
     STALE_TMP_SECONDS,
     TMP_MARK,
-    CachedModule,
-    CacheEntry,
     MergeCache,
     atomic_write,
     check_key,
     sha256_hex,
 )
+from merge_service.merged import MergedAdapter, ModuleStat
 from merge_service.metrics import MergeMetrics
 
 
-def entry(key: str, size: int, fill: bytes = b"x") -> CacheEntry:
+def entry(key: str, size: int, fill: bytes = b"x") -> MergedAdapter:
     data = (fill * size)[:size]
-    return CacheEntry(
+    return MergedAdapter(
         merge_key=key,
         config_json='{"r": 8}',
         data=data,
         sha256=sha256_hex(data),
         rank=8,
-        modules=(CachedModule("model.layers.0.self_attn.q_proj", 8, 0.0),),
+        modules=(ModuleStat("model.layers.0.self_attn.q_proj", 8, 0.0),),
         base_model="tiny",
         build_seconds=0.5,
     )

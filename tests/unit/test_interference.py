@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from merge_service.adapter import LoraModule
 from merge_service.interference import (
-    Factors,
     factor_inner,
     factor_norm_sq,
     interference,
@@ -19,12 +19,12 @@ from merge_service.interference import (
 )
 
 
-def rand_factors(d_out: int, d_in: int, r: int, seed: int, scale: float = 0.7) -> Factors:
+def rand_factors(d_out: int, d_in: int, r: int, seed: int, scale: float = 0.7) -> LoraModule:
     g = torch.Generator().manual_seed(seed)
-    return Factors(torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g), scale)
+    return LoraModule(torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g), scale)
 
 
-def dense(f: Factors) -> torch.Tensor:
+def dense(f: LoraModule) -> torch.Tensor:
     return f.scale * (f.B.double() @ f.A.double())
 
 
@@ -62,7 +62,7 @@ def test_identical_and_opposite_adapters() -> None:
     f = rand_factors(8, 8, 2, 5)
     same = module_pair(f, f, 8, 8, 0.5, 64)
     assert same.cosine == pytest.approx(1.0) and same.sign_conflict == 0.0 and same.top_overlap == 1.0
-    neg = module_pair(f, Factors(f.A, f.B, -f.scale), 8, 8, 0.5, 64)
+    neg = module_pair(f, LoraModule(f.A, f.B, -f.scale), 8, 8, 0.5, 64)
     assert neg.cosine == pytest.approx(-1.0) and neg.sign_conflict == 1.0
 
 

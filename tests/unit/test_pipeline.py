@@ -10,10 +10,11 @@ import torch
 from safetensors.torch import load as load_bytes
 
 from loramerge.errors import FailedPrecondition, InvalidArgument, NotFound
-from merge_service.engine import delta_dense
 from merge_service.identity import derived_seed
-from merge_service.output import tensor_names
-from merge_service.pipeline import BuiltAdapter, Merger, load_record, write_peft_dir
+from merge_service.merged import MergedAdapter
+from merge_service.module_merge import delta_dense
+from merge_service.output import tensor_names, write_peft_dir
+from merge_service.pipeline import Merger, load_record
 from merge_service.sources import SourceResolver
 from merge_service.spec import AdapterRef, Dtype, MergeSpec, SignMethod, SourceKind, Space, Strategy
 from tests.factories import lora_delta, make_adapter
@@ -31,7 +32,7 @@ def spec(*pairs: tuple[str, float], **kw) -> MergeSpec:
     return MergeSpec(adapters=tuple(AdapterRef(i, weight=w) for i, w in pairs), **kw)
 
 
-def merged_delta(built: BuiltAdapter, module: str) -> torch.Tensor:
+def merged_delta(built: MergedAdapter, module: str) -> torch.Tensor:
     t = load_bytes(built.data)
     a, b = tensor_names(module)
     cfg = json.loads(built.config_json)
@@ -268,9 +269,9 @@ def test_output_dtype_config_and_record(merger: Merger, tmp_path: Path) -> None:
 
 
 def test_delta_dense_helper() -> None:
-    from merge_service.engine import Part
+    from merge_service.adapter import LoraModule
 
-    p = Part(A=torch.ones(2, 3), B=torch.ones(4, 2), scale=0.5)
+    p = LoraModule(A=torch.ones(2, 3), B=torch.ones(4, 2), scale=0.5)
     assert torch.equal(delta_dense(p), torch.full((4, 3), 1.0))
 
 

@@ -1,3 +1,4 @@
+from google.protobuf import descriptor_pb2 as _descriptor_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -61,6 +62,18 @@ DTYPE_UNSPECIFIED: Dtype
 FLOAT32: Dtype
 BFLOAT16: Dtype
 FLOAT16: Dtype
+STRATEGY_PARAMS_FIELD_NUMBER: _ClassVar[int]
+strategy_params: _descriptor.FieldDescriptor
+
+class StrategyParams(_message.Message):
+    __slots__ = ("density", "majority_sign_method", "seed")
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    MAJORITY_SIGN_METHOD_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    density: bool
+    majority_sign_method: bool
+    seed: bool
+    def __init__(self, density: _Optional[bool] = ..., majority_sign_method: _Optional[bool] = ..., seed: _Optional[bool] = ...) -> None: ...
 
 class AdapterRef(_message.Message):
     __slots__ = ("id", "source", "revision", "weight")

@@ -168,7 +168,8 @@ class LocalPathResolver:
 @command
 def run(args: argparse.Namespace) -> int:
     require_engine("loramerge merge")
-    from merge_service.pipeline import Merger, write_peft_dir
+    from merge_service.output import write_peft_dir
+    from merge_service.pipeline import Merger
     from merge_service.spec import Dtype, MergeSpec, SignMethod, Space, Strategy
 
     refs = apply_weights(tuple(parse_adapter(text, i) for i, text in enumerate(args.adapter)), args)

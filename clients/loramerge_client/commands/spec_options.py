@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from loramerge.errors import InvalidArgument
+from loramerge.strategy_params import STRATEGIES
 from loramerge.v1 import merge_pb2
 from loramerge_client.types import (
     Adapter,
@@ -18,8 +19,6 @@ from loramerge_client.types import (
     strategy_value,
     to_merge_spec,
 )
-
-STRATEGIES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 
 
 def add_spec_options(parser: argparse.ArgumentParser) -> None:

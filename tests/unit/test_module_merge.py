@@ -1,12 +1,13 @@
-"""The blocked dense engine equals the whole-tensor strategies, whatever the blocking."""
+"""The blocked dense merge equals the whole-tensor strategies, whatever the blocking."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from merge_service import engine, kernels, strategies
-from merge_service.engine import Part, dense_merge, magnitude_threshold, merge_module, row_blocks
+from merge_service import kernels, module_merge, strategies
+from merge_service.adapter import LoraModule
+from merge_service.module_merge import dense_merge, magnitude_threshold, merge_module, row_blocks
 from merge_service.spec import SignMethod, Space
 from merge_service.strategies import MergeParams
 
@@ -19,11 +20,11 @@ def _one_thread():
     torch.set_num_threads(prev)
 
 
-def parts(n: int = 3, d_out: int = 300, d_in: int = 200, seed: int = 0) -> list[Part]:
+def parts(n: int = 3, d_out: int = 300, d_in: int = 200, seed: int = 0) -> list[LoraModule]:
     g = torch.Generator().manual_seed(seed)
     ranks = [4, 8, 2, 6][:n]
     return [
-        Part(A=torch.randn(r, d_in, generator=g), B=torch.randn(d_out, r, generator=g), scale=0.5 + i)
+        LoraModule(A=torch.randn(r, d_in, generator=g), B=torch.randn(d_out, r, generator=g), scale=0.5 + i)
         for i, r in enumerate(ranks)
     ]
 
@@ -31,8 +32,8 @@ def parts(n: int = 3, d_out: int = 300, d_in: int = 200, seed: int = 0) -> list[
 @pytest.fixture
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Many blocks and a sampled threshold even on small matrices."""
-    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 1000)
-    monkeypatch.setattr(engine, "THRESHOLD_SAMPLE", 512)
+    monkeypatch.setattr(module_merge, "BLOCK_ELEMENTS", 1000)
+    monkeypatch.setattr(module_merge, "THRESHOLD_SAMPLE", 512)
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["numba", "torch"])
@@ -70,7 +71,7 @@ def test_sampled_threshold_keeps_exactly_k(small_blocks: None, density: float) -
 
 def test_threshold_with_many_ties(small_blocks: None) -> None:
     # rank-1 with a constant column factor: every row is one magnitude, repeated 200 times
-    p = Part(A=torch.ones(1, 200), B=torch.arange(300.0).reshape(300, 1), scale=1.0)
+    p = LoraModule(A=torch.ones(1, 200), B=torch.arange(300.0).reshape(300, 1), scale=1.0)
     th = magnitude_threshold(p.B, p.A, 0.5, seed=1, blocks=row_blocks(300, 200, torch.device("cpu")))
     assert th is not None and th.value == 150.0 and th.ties == 200
     merged, _, _ = dense_merge([p], [1.0], strategies.get("magnitude_prune"), MergeParams(0.5), [0])
@@ -82,7 +83,7 @@ def test_threshold_with_many_ties(small_blocks: None) -> None:
 def test_merge_module_sketch_gives_near_optimal_factors(space: Space) -> None:
     ps = parts(3, d_out=400, d_in=300, seed=5)
     if space == Space.FACTORS:
-        ps = [Part(p.A[:2], p.B[:, :2], p.scale) for p in ps]
+        ps = [LoraModule(p.A[:2], p.B[:, :2], p.scale) for p in ps]
     strategy = strategies.get("ties")
     params = MergeParams(density=0.3)
     res = merge_module("m", ps, [1.0, 0.5, 0.8], ["x", "y", "z"], strategy, params, space, rank=8)
@@ -114,14 +115,14 @@ def test_one_pass_banded_merge_is_taken_and_exact(
     if not kernels.AVAILABLE:
         pytest.skip("numba is not installed")
     taken = []
-    real = engine._banded_merge
+    real = module_merge._banded_merge
 
     def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
         result = real(*args, **kwargs)
         taken.append(result is not None)
         return result
 
-    monkeypatch.setattr(engine, "_banded_merge", spy)
+    monkeypatch.setattr(module_merge, "_banded_merge", spy)
     ps = parts(4, seed=7)
     strategy = strategies.get(name)
     params = MergeParams(density=density)

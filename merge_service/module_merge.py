@@ -1,7 +1,8 @@
 """Merge one module of several adapters into one pair of LoRA factors, in either space.
 
-Adapter i contributes, for module m, A_i (r_i, d_in), B_i (d_out, r_i) and its own scale s_i, so its
-task vector is ΔW_i = s_i·B_i·A_i. An adapter without the module contributes zero.
+Adapter i contributes, for module m, A_i (r_i, d_in), B_i (d_out, r_i) and its own scale s_i (the
+loader's ``adapter.LoraModule``), so its task vector is ΔW_i = s_i·B_i·A_i. An adapter without the
+module contributes zero. A merged module is ``factorize.Factors``: B, A and the relative error.
 
 - delta space, linear: B = [w_1 s_1 B_1 … w_n s_n B_n], A = [A_1; …; A_n] is exactly Σ w_i ΔW_i at
   rank Σ r_i; a smaller rank compresses it (QR + small SVD, ``factorize.compress_factors``).
@@ -27,11 +28,15 @@ import numpy as np
 import torch
 
 from merge_service import kernels
+from merge_service.adapter import LoraModule
 from merge_service.factorize import Factors, compress_factors, gaussian_sketch, sketch_width, truncate_dense
-from merge_service.spec import SignMethod, Space
+from merge_service.spec import Space
 from merge_service.strategies import (
+    Combine,
     MaskStream,
     MergeParams,
+    Prune,
+    SignMethod,
     StrategyDef,
     disjoint_merge,
     keep_count,
@@ -46,29 +51,14 @@ BLOCK_ELEMENTS = 1 << 16
 THRESHOLD_SAMPLE = 1 << 17
 
 
-@dataclass(frozen=True)
-class Part:
-    """One adapter's factors for a module: ΔW = scale·B·A."""
-
-    A: torch.Tensor  # (r, d_in)
-    B: torch.Tensor  # (d_out, r)
-    scale: float
-
-
-@dataclass(frozen=True)
-class ModuleResult:
-    B: torch.Tensor  # (d_out, rank)
-    A: torch.Tensor  # (rank, d_in)
-    rank: int
-    relative_error: float
-
-
-def delta_dense(part: Part) -> torch.Tensor:
+def delta_dense(part: LoraModule) -> torch.Tensor:
     """ΔW = s·B·A as a dense float32 matrix."""
     return (part.B * part.scale) @ part.A
 
 
-def linear_factors(parts: Sequence[Part], weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_factors(
+    parts: Sequence[LoraModule], weights: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank concatenation: B = [w_i s_i B_i], A = [A_i] so that B·A = Σ w_i s_i B_i A_i exactly."""
     total = sum(p.A.shape[0] for p in parts)
     B = torch.empty(parts[0].B.shape[0], total, dtype=parts[0].B.dtype, device=parts[0].B.device)
@@ -88,15 +78,15 @@ def factored_norm(B: torch.Tensor, A: torch.Tensor) -> float:
 
 
 def _present(
-    parts: Sequence[Part | None], weights: Sequence[float], keys: Sequence[str]
-) -> tuple[list[Part], list[float], list[str]]:
+    parts: Sequence[LoraModule | None], weights: Sequence[float], keys: Sequence[str]
+) -> tuple[list[LoraModule], list[float], list[str]]:
     kept = [(p, w, k) for p, w, k in zip(parts, weights, keys, strict=True) if p is not None]
     return [p for p, _, _ in kept], [w for _, w, _ in kept], [k for _, _, k in kept]
 
 
 def merge_module(
     module: str,
-    parts: Sequence[Part | None],
+    parts: Sequence[LoraModule | None],
     weights: Sequence[float],
     keys: Sequence[str],
     strategy: StrategyDef,
@@ -104,7 +94,7 @@ def merge_module(
     space: Space,
     rank: int,
     workspace: Workspace | None = None,
-) -> ModuleResult:
+) -> Factors:
     """Merge one module. ``parts[i]`` is adapter i's factors (None when it lacks the module), ``keys[i]``
     a stable label for adapter i (content digest) that seeds its random masks; ``rank`` is the largest
     rank the result may have. All tensors must be on one device; results stay on it."""
@@ -116,7 +106,7 @@ def merge_module(
     if strategy.linear:
         B, A = linear_factors(present, w)
         f = compress_factors(B, A, rank)
-        return ModuleResult(f.B, f.A, f.rank, f.relative_error)
+        return f
     seeds = [tensor_seed(params.seed, module, key, "delta") for key in k]
     d_out, d_in = present[0].B.shape[0], present[0].A.shape[1]
     svd_seed = tensor_seed(0, module, "svd")
@@ -126,7 +116,7 @@ def merge_module(
     f = truncate_dense(
         merged, rank, seed=svd_seed, sketch=(omega, y) if omega is not None else None, total_sq=total_sq
     )
-    return ModuleResult(f.B, f.A, f.rank, f.relative_error)
+    return f
 
 
 @dataclass(frozen=True)
@@ -233,7 +223,7 @@ def magnitude_threshold(
 
 
 def dense_merge(
-    parts: Sequence[Part],
+    parts: Sequence[LoraModule],
     weights: Sequence[float],
     strategy: StrategyDef,
     params: MergeParams,
@@ -254,16 +244,16 @@ def dense_merge(
     density = params.density
     thresholds: list[Threshold | None] = [None] * len(parts)
     streams: list[MaskStream | None] = [None] * len(parts)
-    if strategy.prune == "magnitude" and kernels.AVAILABLE and device.type == "cpu":
+    if strategy.prune == Prune.MAGNITUDE and kernels.AVAILABLE and device.type == "cpu":
         banded = _banded_merge(bs, parts, weights, strategy, params, seeds, blocks, omega, out)
         if banded is not None:
             return banded
-    if strategy.prune == "magnitude":
+    if strategy.prune == Prune.MAGNITUDE:
         thresholds = [
             magnitude_threshold(b, p.A, density, seed, blocks)
             for b, p, seed in zip(bs, parts, seeds, strict=True)
         ]
-    elif strategy.prune == "random" and density < 1.0:
+    elif strategy.prune == Prune.RANDOM and density < 1.0:
         streams = [MaskStream(seed, density) for seed in seeds]
     merged = out.matrix(d_out, d_in, device) if out is not None else torch.empty(d_out, d_in, device=device)
     y = torch.empty(d_out, omega.shape[1], device=device) if omega is not None else None
@@ -290,7 +280,7 @@ def dense_merge(
             elif stream is not None:
                 d.mul_(stream.take(d.numel()).view(d.shape).to(device)).div_(density)
             pruned.append(d)
-        if strategy.combine == "sum":
+        if strategy.combine == Combine.SUM:
             block = weighted_sum(pruned, weights)
         else:
             stacked = torch.stack(pruned)
@@ -305,7 +295,7 @@ def dense_merge(
 
 def _banded_merge(
     bs: list[torch.Tensor],
-    parts: Sequence[Part],
+    parts: Sequence[LoraModule],
     weights: Sequence[float],
     strategy: StrategyDef,
     params: MergeParams,
@@ -349,7 +339,7 @@ def _banded_merge(
     device = bs[0].device
     merged = out.matrix(d_out, d_in, device) if out is not None else torch.empty(d_out, d_in, device=device)
     y = torch.empty(d_out, omega.shape[1]) if omega is not None else None
-    disjoint = strategy.combine == "disjoint"
+    disjoint = strategy.combine == Combine.DISJOINT
     frequency = params.sign_method == SignMethod.FREQUENCY
     max_rows = max(r1 - r0 for r0, r1 in blocks)
     buf = torch.empty(n * max_rows * d_in)
@@ -411,7 +401,7 @@ def _banded_merge(
 
 def _fused_blocks(
     bs: list[torch.Tensor],
-    parts: Sequence[Part],
+    parts: Sequence[LoraModule],
     weights: Sequence[float],
     strategy: StrategyDef,
     params: MergeParams,
@@ -426,9 +416,9 @@ def _fused_blocks(
     n, d_in = len(parts), parts[0].A.shape[1]
     density = params.density
     prune = kernels.PRUNE_NONE
-    if strategy.prune == "magnitude" and any(t is not None for t in thresholds):
+    if strategy.prune == Prune.MAGNITUDE and any(t is not None for t in thresholds):
         prune = kernels.PRUNE_MAGNITUDE
-    elif strategy.prune == "random" and density < 1.0:
+    elif strategy.prune == Prune.RANDOM and density < 1.0:
         prune = kernels.PRUNE_RANDOM
     th = np.array([t.value if t is not None else -1.0 for t in thresholds], dtype=np.float32)
     ties_left = np.array([t.ties if t is not None else 0 for t in thresholds], dtype=np.int64)
@@ -456,7 +446,7 @@ def _fused_blocks(
             rng,
             keep_below,
             density,
-            strategy.combine == "disjoint",
+            strategy.combine == Combine.DISJOINT,
             params.sign_method == SignMethod.FREQUENCY,
             block.numpy(),
         )
@@ -481,13 +471,13 @@ class Workspace:
 
 def _merge_factors(
     module: str,
-    parts: Sequence[Part],
+    parts: Sequence[LoraModule],
     weights: Sequence[float],
     keys: Sequence[str],
     strategy: StrategyDef,
     params: MergeParams,
     rank: int,
-) -> ModuleResult:
+) -> Factors:
     ranks = {p.A.shape[0] for p in parts}
     if len(ranks) != 1:
         raise ValueError(f"module {module!r}: factors space needs equal ranks, got {sorted(ranks)}")
@@ -501,10 +491,10 @@ def _merge_factors(
     ref = factored_norm(exact_b, exact_a)
     diff = factored_norm(torch.cat([f.B, -exact_b], dim=1), torch.cat([f.A, exact_a], dim=0))
     err = diff / ref if ref > 0 else 0.0
-    return ModuleResult(f.B, f.A, f.rank, err)
+    return Factors(f.B, f.A, err)
 
 
-def pad_rank(result: ModuleResult | Factors, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_rank(result: Factors, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-pad B (d_out, r) and A (r, d_in) to ``rank`` columns/rows: PEFT and vLLM want one rank."""
     B, A = result.B, result.A
     r = A.shape[0]
