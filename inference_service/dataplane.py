@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 
 from inference_service import sampling
 from inference_service.chat import ChatTemplate
-from inference_service.engine import Engine
 from inference_service.metrics import InferenceMetrics
 from inference_service.recipes import RecipeBook
 from inference_service.registry import AdapterRegistry, Lease, Usage
-from inference_service.specs import single_adapter_field, single_adapter_spec
+from inference_service.request_specs import single_adapter_field, single_adapter_spec
+from inference_service.vllm_engine import Engine
 from loramerge.errors import InvalidArgument, Unavailable
 from loramerge.v1 import inference_pb2
 

@@ -18,8 +18,8 @@ import grpc.aio
 from grpc_status import rpc_status
 
 from inference_service.receiver import AdapterWriter, Received, receive
+from inference_service.request_specs import merged_spec_field
 from inference_service.settings import MergeClientSettings
-from inference_service.specs import merged_spec_field
 from loramerge.errors import (
     DeadlineExceeded,
     FieldViolation,

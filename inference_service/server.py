@@ -24,7 +24,6 @@ from prometheus_client import CollectorRegistry
 
 from inference_service.chat import ChatTemplate
 from inference_service.dataplane import DataPlane
-from inference_service.engine import Engine
 from inference_service.http_server import HttpFrontEnd, HttpOptions
 from inference_service.merge_client import MergeClient
 from inference_service.metrics import InferenceMetrics
@@ -33,6 +32,7 @@ from inference_service.recipes import RecipeBook, load_recipes
 from inference_service.registry import AdapterRegistry
 from inference_service.servicer import InferenceServicer
 from inference_service.settings import InferenceSettings
+from inference_service.vllm_engine import Engine
 from loramerge.errors import Unavailable
 from loramerge.v1 import inference_pb2, inference_pb2_grpc
 from loramerge_common.auth import TokenAuth, load_token

@@ -9,10 +9,10 @@ import grpc.aio
 
 from inference_service.chat import ChatTemplate
 from inference_service.dataplane import DataPlane, Step, TokenLogprob
-from inference_service.engine import Engine
 from inference_service.metrics import InferenceMetrics
 from inference_service.recipes import RecipeBook
 from inference_service.registry import AdapterRegistry, Usage
+from inference_service.vllm_engine import Engine
 from loramerge.errors import InvalidArgument, shown
 from loramerge.v1 import inference_pb2, inference_pb2_grpc, merge_pb2
 from loramerge_common.metrics import RpcMetrics

@@ -21,7 +21,7 @@ import torch
 from grpc_status import rpc_status
 from safetensors.torch import load_file, save_file
 
-from inference_service.specs import normalize_spec
+from inference_service.request_specs import normalize_spec
 from loramerge.errors import violations_from_status
 from loramerge.v1 import inference_pb2, merge_pb2
 from tests.e2e.conftest import MAX_LORA_RANK, MergeServiceProcess, ServiceProcess

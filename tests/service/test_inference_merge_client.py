@@ -16,8 +16,8 @@ import pytest
 
 from inference_service.merge_client import MergeClient, backoff_delays
 from inference_service.receiver import AdapterLimits, AdapterWriter
+from inference_service.request_specs import single_adapter_field
 from inference_service.settings import MergeClientSettings
-from inference_service.specs import single_adapter_field
 from loramerge.errors import DeadlineExceeded, FailedPrecondition, NotFound, Unavailable, to_rpc_status
 from loramerge.v1 import merge_pb2 as M
 from loramerge.v1 import merge_pb2_grpc

@@ -16,11 +16,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from inference_service.engine import EngineInfo
 from inference_service.receiver import AdapterLimits
 from inference_service.registry import AdapterRegistry
 from inference_service.server import SERVICE_NAME
 from inference_service.servicer import InferenceServicer
+from inference_service.vllm_engine import EngineInfo
 from loramerge.v1 import inference_pb2 as I
 from loramerge.v1 import inference_pb2_grpc
 from loramerge_common.server import GrpcServer, ServerSettings, Service
