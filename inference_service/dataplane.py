@@ -70,14 +70,14 @@ class DataPlane:
         self,
         *,
         metrics: InferenceMetrics | None = None,
-        merge_timeout_seconds: float = 120.0,
+        fetch_timeout_ceiling_seconds: float = 1800.0,
         recipes: RecipeBook | None = None,
     ) -> None:
         self.registry: AdapterRegistry | None = None
         self.engine: Engine | None = None
         self.chat: ChatTemplate | None = None
         self.metrics = metrics
-        self.merge_timeout_seconds = merge_timeout_seconds
+        self.fetch_timeout_ceiling_seconds = fetch_timeout_ceiling_seconds
         self.recipes = recipes or RecipeBook()
 
     def attach(self, engine: Engine, registry: AdapterRegistry, chat: ChatTemplate | None = None) -> None:
@@ -220,7 +220,9 @@ class DataPlane:
         return "merged", await registry.for_spec(request.merged_adapters, deadline=deadline)
 
     def deadline(self, time_remaining: float | None) -> float:
-        budget = self.merge_timeout_seconds
+        """When a fetch for this request must be done (time.monotonic()): the caller's deadline, a
+        little early, up to the fetch timeout ceiling; the ceiling for a caller without one."""
+        budget = self.fetch_timeout_ceiling_seconds
         if time_remaining is not None:
             budget = min(budget, max(0.0, time_remaining - DEADLINE_MARGIN_S))
         return time.monotonic() + budget

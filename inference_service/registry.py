@@ -170,13 +170,13 @@ class AdapterRegistry:
         spec_cache_entries: int = 4096,
         spec_ttl: float = 0.0,
         recheck_timeout: float = 2.0,
-        default_timeout: float = 1800.0,
+        fetch_timeout_ceiling: float = 1800.0,
         metrics: InferenceMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``spec_cache_entries``, ``spec_ttl``, ``recheck_timeout`` and ``clock``: the spec memory's
-        (inference_service/spec_memory.py). ``default_timeout`` bounds a fetch for a caller that
-        gives no deadline (the fetch timeout ceiling)."""
+        (inference_service/spec_memory.py). ``fetch_timeout_ceiling``: the longest a fetch may take; a
+        caller without a deadline gets it."""
         if max_loaded < 1:
             raise InvalidArgument(
                 f"max_loaded_adapters must be >= 1, got {max_loaded}", field="max_loaded_adapters"
@@ -194,7 +194,7 @@ class AdapterRegistry:
         self.adapter_dir = adapter_dir
         self.limits = limits
         self.max_loaded = max_loaded
-        self.default_timeout = default_timeout
+        self.fetch_timeout_ceiling = fetch_timeout_ceiling
         self.metrics = metrics
         self._by_key: OrderedDict[str, Entry] = OrderedDict()  # least recently used first
         self._fetches: SingleFlight[str, Usage] = SingleFlight()  # by spec fingerprint
@@ -235,15 +235,16 @@ class AdapterRegistry:
     ) -> Lease:
         """The adapter for ``spec``: loaded already, or fetched from the merge service and registered.
 
-        ``deadline`` (time.monotonic()) bounds this caller's wait; a fetch this call starts runs
-        under it (retries included); without one, ``default_timeout``. ``on_progress`` gets the
-        merge service's progress events while a fetch runs.
+        ``deadline`` (time.monotonic()) bounds this caller's wait, capped at ``fetch_timeout_ceiling``
+        (a caller without one gets the ceiling); a fetch this call starts runs under it, retries
+        included. ``on_progress`` gets the merge service's progress events while a fetch runs.
         """
         if self._abandoned is not None:
             raise self._abandoned
         spec = normalize_spec(spec, self.limits.max_rank)
         fingerprint = spec_fingerprint(spec)
-        deadline = deadline if deadline is not None else time.monotonic() + self.default_timeout
+        ceiling = time.monotonic() + self.fetch_timeout_ceiling
+        deadline = ceiling if deadline is None else min(deadline, ceiling)
         for _ in range(3):  # an entry can be evicted between its fetch finishing and our lease
             known = self.specs.get(fingerprint)
             entry = self._by_key.get(known.merge_key) if known else None

@@ -107,7 +107,7 @@ async def serve(
     metrics = InferenceMetrics(registry)
     plane = DataPlane(
         metrics=metrics,
-        merge_timeout_seconds=settings.merge_timeout_seconds,
+        fetch_timeout_ceiling_seconds=settings.fetch_timeout_ceiling_seconds,
         recipes=recipes if recipes is not None else RecipeBook(load_recipes(settings.recipes)),
     )
     servicer = InferenceServicer(rpc_metrics=rpc_metrics, dataplane=plane)
@@ -153,7 +153,7 @@ async def serve(
             spec_cache_entries=settings.spec_cache_entries,
             spec_ttl=settings.spec_ttl_seconds,
             recheck_timeout=settings.spec_recheck_timeout_seconds,
-            default_timeout=settings.merge_timeout_seconds,
+            fetch_timeout_ceiling=settings.fetch_timeout_ceiling_seconds,
             metrics=metrics,
         )
         chat = ChatTemplate.for_engine(engine, settings.chat_template)

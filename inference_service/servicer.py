@@ -35,12 +35,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         *,
         metrics: InferenceMetrics | None = None,
         rpc_metrics: RpcMetrics | None = None,
-        merge_timeout_seconds: float = 120.0,
+        fetch_timeout_ceiling_seconds: float = 1800.0,
         dataplane: DataPlane | None = None,
         recipes: RecipeBook | None = None,
     ) -> None:
         self.plane = dataplane or DataPlane(
-            metrics=metrics, merge_timeout_seconds=merge_timeout_seconds, recipes=recipes
+            metrics=metrics, fetch_timeout_ceiling_seconds=fetch_timeout_ceiling_seconds, recipes=recipes
         )
         self.rpc_metrics = rpc_metrics
         if engine is not None and registry is not None:
