@@ -77,7 +77,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def GenerateStream(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
-        async for step in self.plane.generate(request, context.time_remaining()):
+        steps = self.plane.generate(request, context.time_remaining(), merge_progress=request.merge_progress)
+        async for step in steps:
+            if step.merge_progress is not None:
+                yield inference_pb2.GenerateStreamResponse(
+                    request_id=step.request_id, merge_progress=step.merge_progress
+                )
+                continue
             msg = inference_pb2.GenerateStreamResponse(
                 text=step.text,
                 token_ids=step.token_ids,
