@@ -33,7 +33,7 @@ from pathlib import Path
 import grpc
 import grpc.aio
 
-from inference_service.specs import normalize_spec
+from inference_service.request_specs import normalize_spec
 from loramerge.v1 import inference_pb2, inference_pb2_grpc, merge_pb2
 from tests.faults.stack import MAX_LOADED_ADAPTERS, MAX_LORA_RANK, Stack
 

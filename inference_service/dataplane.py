@@ -7,22 +7,23 @@ API, and the front-ends only parse, call and map errors.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from inference_service import sampling
 from inference_service.chat import ChatTemplate
-from inference_service.engine import Engine
 from inference_service.metrics import InferenceMetrics
 from inference_service.recipes import RecipeBook
 from inference_service.registry import AdapterRegistry, Lease, Usage
-from inference_service.specs import single_adapter_field, single_adapter_spec
+from inference_service.request_specs import single_adapter_field, single_adapter_spec
+from inference_service.vllm_engine import Engine
 from loramerge.errors import InvalidArgument, Unavailable
-from loramerge.v1 import inference_pb2
+from loramerge.v1 import inference_pb2, merge_pb2
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class Step:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     stop_reason: int | str | None = None  # the stop string or token id that ended it; None for EOS
     prompt_token_ids: list[int] = field(default_factory=list)  # set on the first step only
+    # Set, with nothing else but request_id, on steps before the first token while the adapter is
+    # being merged (only for ``generate(..., merge_progress=True)``).
+    merge_progress: merge_pb2.MergeProgress | None = None
 
 
 class DataPlane:
@@ -70,14 +74,14 @@ class DataPlane:
         self,
         *,
         metrics: InferenceMetrics | None = None,
-        merge_timeout_seconds: float = 120.0,
+        fetch_timeout_ceiling_seconds: float = 1800.0,
         recipes: RecipeBook | None = None,
     ) -> None:
         self.registry: AdapterRegistry | None = None
         self.engine: Engine | None = None
         self.chat: ChatTemplate | None = None
         self.metrics = metrics
-        self.merge_timeout_seconds = merge_timeout_seconds
+        self.fetch_timeout_ceiling_seconds = fetch_timeout_ceiling_seconds
         self.recipes = recipes or RecipeBook()
 
     def attach(self, engine: Engine, registry: AdapterRegistry, chat: ChatTemplate | None = None) -> None:
@@ -108,9 +112,16 @@ class DataPlane:
         return request.prompt
 
     async def generate(
-        self, request: inference_pb2.GenerateRequest, time_remaining: float | None = None
+        self,
+        request: inference_pb2.GenerateRequest,
+        time_remaining: float | None = None,
+        *,
+        merge_progress: bool = False,
     ) -> AsyncIterator[Step]:
-        """Generate for ``request``; ``time_remaining`` is the caller's deadline in seconds, if any."""
+        """Generate for ``request``; ``time_remaining`` is the caller's deadline in seconds, if any.
+
+        With ``merge_progress``, steps carrying only the merge service's progress come first while
+        the adapter is merged (the latest event each time the caller takes one: none pile up)."""
         t0 = time.perf_counter()
         _, engine = self.ready()
         prompt = self.prompt_of(request)
@@ -127,7 +138,18 @@ class DataPlane:
             logprobs=request.top_logprobs if request.logprobs else None,
         )
         request_id = request.request_id or uuid.uuid4().hex
-        kind, lease = await self.adapter(request, time_remaining)
+        if merge_progress:
+            chosen = None
+            async with contextlib.aclosing(self._adapter_with_progress(request, time_remaining)) as items:
+                async for item in items:
+                    if isinstance(item, merge_pb2.MergeProgress):
+                        yield Step("", [], 0, None, request_id=request_id, merge_progress=item)
+                    else:
+                        chosen = item
+            assert chosen is not None
+            kind, lease = chosen
+        else:
+            kind, lease = await self.adapter(request, time_remaining)
         completion = 0
         first = True
         step: Step | None = None
@@ -172,10 +194,45 @@ class DataPlane:
             self.metrics.prompt_tokens.labels(kind=kind).inc(step.prompt_tokens)
             self.metrics.completion_tokens.labels(kind=kind).inc(completion)
 
+    async def _adapter_with_progress(
+        self, request: inference_pb2.GenerateRequest, time_remaining: float | None
+    ) -> AsyncIterator[merge_pb2.MergeProgress | tuple[str, Lease | None]]:
+        """``adapter``'s progress events while it runs (coalesced to the latest), then its result."""
+        latest: list[merge_pb2.MergeProgress] = []
+        changed = asyncio.Event()
+
+        def on_progress(event: merge_pb2.MergeProgress) -> None:
+            latest[:] = [event]
+            changed.set()
+
+        task = asyncio.ensure_future(self.adapter(request, time_remaining, on_progress=on_progress))
+        try:
+            while not task.done():
+                waiter = asyncio.ensure_future(changed.wait())
+                try:
+                    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
+                if changed.is_set() and not task.done():
+                    changed.clear()
+                    yield latest[0]
+        except BaseException:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                _, lease = await task
+                if lease is not None:  # it got its lease just as we were cancelled: give it back
+                    await lease.__aexit__(None, None, None)
+            raise
+        yield task.result()
+
     async def adapter(
-        self, request: inference_pb2.GenerateRequest, time_remaining: float | None = None
+        self,
+        request: inference_pb2.GenerateRequest,
+        time_remaining: float | None = None,
+        on_progress: Callable[[merge_pb2.MergeProgress], None] | None = None,
     ) -> tuple[str, Lease | None]:
-        """Which weights the request asked for: (kind, lease on the adapter or None for the base)."""
+        """Which weights the request asked for: (kind, lease on the adapter or None for the base);
+        ``on_progress`` gets the merge service's progress while the adapter is merged."""
         registry, _ = self.ready()
         chosen = [
             name
@@ -212,15 +269,19 @@ class DataPlane:
                 request.adapter_id, request.adapter_source, request.adapter_revision, weight
             )
             return "adapter", await registry.for_spec(
-                spec, deadline=deadline, field_namer=single_adapter_field
+                spec, deadline=deadline, field_namer=single_adapter_field, on_progress=on_progress
             )
         if request.recipe:
             recipe = self.recipes.get(request.recipe)
-            return "recipe", await registry.for_spec(recipe.spec, deadline=deadline)
-        return "merged", await registry.for_spec(request.merged_adapters, deadline=deadline)
+            return "recipe", await registry.for_spec(recipe.spec, deadline=deadline, on_progress=on_progress)
+        return "merged", await registry.for_spec(
+            request.merged_adapters, deadline=deadline, on_progress=on_progress
+        )
 
     def deadline(self, time_remaining: float | None) -> float:
-        budget = self.merge_timeout_seconds
+        """When a fetch for this request must be done (time.monotonic()): the caller's deadline, a
+        little early, up to the fetch timeout ceiling; the ceiling for a caller without one."""
+        budget = self.fetch_timeout_ceiling_seconds
         if time_remaining is not None:
             budget = min(budget, max(0.0, time_remaining - DEADLINE_MARGIN_S))
         return time.monotonic() + budget

@@ -13,13 +13,13 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
-from sse_starlette import EventSourceResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from inference_service.dataplane import Step
 from inference_service.http_errors import HttpError, http_status, lorax_body
 from inference_service.http_server import HttpFrontEnd, read_json
 from inference_service.http_specs import merge_spec_from_json
-from inference_service.openai_api import _chain, first_step
+from inference_service.openai_api import _chain, first_step, progress_event
 from loramerge.errors import LoramergeError, shown
 from loramerge.v1 import inference_pb2, merge_pb2
 
@@ -164,9 +164,9 @@ def lorax_router(front: HttpFrontEnd) -> APIRouter:
             raise HttpError(400, f"{loc or 'body'}: {err.get('msg', 'invalid')}", loc or None) from None
         return body, to_request(body)
 
-    async def start(req: inference_pb2.GenerateRequest):
+    async def start(req: inference_pb2.GenerateRequest, stream: bool = False):
         try:
-            return await first_step(front, req)
+            return await first_step(front, req, merge_progress=stream)
         except LoramergeError as e:
             raise HttpError(http_status(e), e.message, lorax_field(e.field)) from e
 
@@ -207,10 +207,15 @@ def lorax_router(front: HttpFrontEnd) -> APIRouter:
     def stream(body: GenerateBody, req: inference_pb2.GenerateRequest, steps, first: Step) -> Response:
         specials = special()
 
-        async def events() -> AsyncIterator[str]:
+        async def events() -> AsyncIterator[str | ServerSentEvent]:
             texts: list[str] = []
+            first_token: Step | None = None
             try:
                 async for step in _chain(first, steps):
+                    if step.merge_progress is not None:
+                        yield progress_event(step.merge_progress)
+                        continue
+                    first_token = first_token or step
                     texts.append(step.text)
                     toks = tokens(step, specials)
                     # The step's text is vLLM's incremental detokenization: put it on its last token,
@@ -225,7 +230,7 @@ def lorax_router(front: HttpFrontEnd) -> APIRouter:
                             )
                             event["details"] = {
                                 "finish_reason": finish_reason(step),
-                                "prompt_tokens": step.prompt_tokens or first.prompt_tokens,
+                                "prompt_tokens": step.prompt_tokens or first_token.prompt_tokens,
                                 "generated_tokens": step.completion_tokens,
                                 "seed": body.parameters.seed,
                             }
@@ -240,7 +245,7 @@ def lorax_router(front: HttpFrontEnd) -> APIRouter:
     async def root(request: Request) -> Response:
         body, req = await parse(request)
         if body.stream:
-            steps, first = await start(req)
+            steps, first = await start(req, stream=True)
             return stream(body, req, steps, first)
         return JSONResponse([await answer(body, req)])
 
@@ -252,7 +257,7 @@ def lorax_router(front: HttpFrontEnd) -> APIRouter:
     @router.post("/generate_stream")
     async def generate_stream(request: Request) -> Response:
         body, req = await parse(request)
-        steps, first = await start(req)
+        steps, first = await start(req, stream=True)
         return stream(body, req, steps, first)
 
     return router

@@ -1,7 +1,9 @@
 """Fetch a merged adapter from the merge service: retry while it is unavailable, resume broken streams.
 
-Uses the generated stubs directly (not the client library). ``dns:///name:port`` addresses are
-balanced round-robin over every address the name resolves to (a headless Kubernetes Service).
+Uses the generated stubs directly, with the client library's retry policy
+(loramerge_client.retry: which codes are retried, jittered exponential back-off, never past the
+deadline), configured from the service's settings. ``dns:///name:port`` addresses are balanced
+round-robin over every address the name resolves to (a headless Kubernetes Service).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import asyncio
 import ctypes
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -18,8 +20,8 @@ import grpc.aio
 from grpc_status import rpc_status
 
 from inference_service.receiver import AdapterWriter, Received, receive
+from inference_service.request_specs import merged_spec_field
 from inference_service.settings import MergeClientSettings
-from inference_service.specs import merged_spec_field
 from loramerge.errors import (
     DeadlineExceeded,
     FieldViolation,
@@ -29,15 +31,15 @@ from loramerge.errors import (
     error_class_for,
     violations_from_status,
 )
-from loramerge.stream import merge_method
+from loramerge.stream import DataView, merge_method
 from loramerge.v1 import merge_pb2, merge_pb2_grpc
+from loramerge_client.retry import Deadline, Retrier
 from loramerge_common.auth import bearer_metadata, load_token
 from loramerge_common.tls import channel_credentials
 
 log = logging.getLogger(__name__)
 
-# Codes after which the same request may succeed against another (or a restarted) merge pod.
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
+ProgressFn = Callable[[merge_pb2.MergeProgress], None]
 
 
 # glibc mallopt parameters.
@@ -73,16 +75,14 @@ class Fetched:
     resumed: int  # how many times a broken stream was resumed
 
 
-def backoff_delays(initial: float, maximum: float) -> Callable[[], float]:
-    """Exponential back-off with a factor of 2, capped at ``maximum``."""
-    delay = initial / 2
-
-    def next_delay() -> float:
-        nonlocal delay
-        delay = min(maximum, delay * 2)
-        return delay
-
-    return next_delay
+async def tap_progress(
+    chunks: AsyncIterator[merge_pb2.MergeChunk | DataView], on_progress: ProgressFn
+) -> AsyncIterator[merge_pb2.MergeChunk | DataView]:
+    """``chunks`` unchanged, with each progress item also given to ``on_progress``."""
+    async for chunk in chunks:
+        if not isinstance(chunk, DataView) and chunk.WhichOneof("item") == "progress":
+            on_progress(chunk.progress)
+        yield chunk
 
 
 class MergeClient:
@@ -91,6 +91,7 @@ class MergeClient:
     ) -> None:
         self.settings = settings
         self.target = settings.merge_service
+        self.retry_policy = settings.merge_retry_policy()
         keep_freed_heap()
         options = [
             ("grpc.lb_policy_name", "round_robin"),
@@ -124,16 +125,17 @@ class MergeClient:
         *,
         deadline: float,
         field_namer: Callable[[str], str] = merged_spec_field,
+        on_progress: ProgressFn | None = None,
     ) -> Fetched:
         """Stream ``spec``'s merged adapter into ``writer`` before ``deadline`` (time.monotonic()).
 
-        While the merge service is unavailable, retries with exponential back-off until the deadline,
-        then raises Unavailable. A stream that breaks after the header resumes from the last byte
+        While the merge service is unavailable (a code the retry policy retries), retries with
+        jittered exponential back-off until the deadline or the policy's attempts run out, then
+        raises Unavailable. A stream that breaks after the header resumes from the last byte
         received. Errors the merge service reports come back as the matching domain error.
+        ``on_progress`` gets the merge service's progress items while it builds.
         """
-        next_delay = backoff_delays(
-            self.settings.merge_retry_initial_seconds, self.settings.merge_retry_max_seconds
-        )
+        retrier = Retrier(self.retry_policy, Deadline(deadline - time.monotonic()))
         attempts = resumed = 0
         last_error = ""
         t0 = time.perf_counter()
@@ -143,11 +145,13 @@ class MergeClient:
             if remaining <= 0:
                 break
             attempts += 1
+            retrier.attempts = attempts
             request = merge_pb2.MergeRequest(spec=spec)
             if writer.header is not None:
                 request.resume_offset = writer.received
                 request.expected_merge_key = writer.header.merge_key
-            call = self._merge(request, timeout=remaining, metadata=self._metadata)
+            rpc = self._merge(request, timeout=remaining, metadata=self._metadata)
+            call = rpc if on_progress is None else tap_progress(rpc, on_progress)
             try:
                 received = await receive(call, writer)
             except grpc.aio.AioRpcError as e:
@@ -156,16 +160,18 @@ class MergeClient:
                         f"merge service {self.target} did not deliver the adapter before the deadline "
                         f"({attempts} attempt(s), {time.perf_counter() - t0:.1f} s)"
                     ) from e
-                if e.code() not in RETRYABLE:
-                    raise await self._domain_error(e, call, field_namer) from e
+                delay = retrier.retry_delay(e.code())
+                if delay is None and e.code() not in self.retry_policy.retry_codes:
+                    raise await self._domain_error(e, rpc, field_namer) from e
                 last_error = f"{e.code().name}: {e.details()}"
                 if writer.header is not None:
                     resumed += 1
                     if not header_ms and writer.header_at is not None:
                         # When the header came, not when the stream broke (that is transfer time).
                         header_ms = max(0.0, (writer.header_at - t0) * 1e3)
+                if delay is None:  # attempts used up, or no time left for another wait
+                    break
                 self._on_retry(e.code().name)
-                delay = next_delay()
                 log.warning(
                     "merge service call failed; retrying",
                     extra={
@@ -175,12 +181,10 @@ class MergeClient:
                         "received": writer.received,
                     },
                 )
-                if time.monotonic() + delay >= deadline:
-                    break
                 await asyncio.sleep(delay)
                 continue
             finally:
-                call.cancel()
+                rpc.cancel()
             if header_ms:  # resumed: report the first attempt's time to header, the rest as transfer
                 total = (time.perf_counter() - t0) * 1e3
                 received = Received(
@@ -218,7 +222,7 @@ class MergeClient:
                 raise DeadlineExceeded(
                     f"merge service {self.target} did not answer Plan within {remaining:.1f} s"
                 ) from e
-            if e.code() in RETRYABLE:
+            if e.code() in self.retry_policy.retry_codes:
                 raise Unavailable(
                     f"merge service {self.target} unavailable: {e.code().name}: {e.details()}",
                     field=field_namer("spec"),

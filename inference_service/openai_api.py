@@ -16,14 +16,14 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
-from sse_starlette import EventSourceResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from inference_service.dataplane import Step, TokenLogprob
 from inference_service.http_errors import HttpError, http_status, openai_body
 from inference_service.http_server import HttpFrontEnd, read_json
 from inference_service.http_specs import merge_spec_from_json
 from loramerge.errors import LoramergeError, shown
-from loramerge.v1 import inference_pb2
+from loramerge.v1 import inference_pb2, merge_pb2
 
 _ADAPTER_FIELDS = {
     "adapter_id",
@@ -174,10 +174,13 @@ def chat_logprobs(logprobs: list[TokenLogprob]):
 
 
 async def first_step(
-    front: HttpFrontEnd, req: inference_pb2.GenerateRequest
+    front: HttpFrontEnd, req: inference_pb2.GenerateRequest, *, merge_progress: bool = False
 ) -> tuple[AsyncIterator[Step], Step]:
-    """Start generating and wait for the first step, so every fault before it is a plain HTTP error."""
-    steps = front.plane.generate(req)
+    """Start generating and wait for the first step, so every fault before it is a plain HTTP error.
+
+    ``merge_progress`` (streams): the first step may be the merge service's progress while the
+    adapter is merged (``progress_event``); a fault after that comes in the stream."""
+    steps = front.plane.generate(req, merge_progress=merge_progress)
     try:
         return steps, await anext(steps)
     except BaseException:
@@ -243,7 +246,7 @@ def openai_router(front: HttpFrontEnd) -> APIRouter:
             req.logprobs = True
             req.top_logprobs = body.logprobs
         try:
-            steps, first = await first_step(front, req)
+            steps, first = await first_step(front, req, merge_progress=bool(body.stream))
         except LoramergeError as e:
             raise domain(e, chat=False) from e
         rid, created = f"cmpl-{req.request_id}", int(time.time())
@@ -263,10 +266,13 @@ def openai_router(front: HttpFrontEnd) -> APIRouter:
             return JSONResponse(answer.model_dump(exclude_none=True))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        async def events() -> AsyncIterator[str]:
+        async def events() -> AsyncIterator[str | ServerSentEvent]:
             offset, last = 0, first
             try:
                 async for step in _chain(first, steps):
+                    if step.merge_progress is not None:
+                        yield progress_event(step.merge_progress)
+                        continue
                     chunk = CompletionStreamResponse(
                         id=rid, created=created, model=model,
                         choices=[CompletionResponseStreamChoice(
@@ -315,7 +321,7 @@ def openai_router(front: HttpFrontEnd) -> APIRouter:
         elif body.top_logprobs:
             raise HttpError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         try:
-            steps, first = await first_step(front, req)
+            steps, first = await first_step(front, req, merge_progress=bool(body.stream))
         except LoramergeError as e:
             raise domain(e, chat=True) from e
         rid, created = f"chatcmpl-{req.request_id}", int(time.time())
@@ -346,11 +352,14 @@ def openai_router(front: HttpFrontEnd) -> APIRouter:
                 )],
             ).model_dump_json(exclude_none=True)  # fmt: skip
 
-        async def events() -> AsyncIterator[str]:
+        async def events() -> AsyncIterator[str | ServerSentEvent]:
             last = first
             yield chunk(DeltaMessage(role="assistant", content=""))
             try:
                 async for step in _chain(first, steps):
+                    if step.merge_progress is not None:
+                        yield progress_event(step.merge_progress)
+                        continue
                     last = step
                     yield chunk(DeltaMessage(content=step.text), step)
                 if include_usage:
@@ -392,6 +401,12 @@ async def collect(first: Step, rest: AsyncIterator[Step]) -> tuple[str, list[Tok
         logprobs.extend(step.logprobs)
         last = step
     return "".join(texts), logprobs, last
+
+
+def progress_event(progress: merge_pb2.MergeProgress) -> ServerSentEvent:
+    """Merge progress as an SSE comment line (``: merge progress: merge 12/224``): every SSE parser
+    (the openai SDK, lorax-client, browsers' EventSource) skips comments, so streams stay valid."""
+    return ServerSentEvent(comment=f"merge progress: {progress.stage} {progress.done}/{progress.total}")
 
 
 async def _chain(first: Step, rest: AsyncIterator[Step]) -> AsyncIterator[Step]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 from google.protobuf import json_format
 
-from inference_service.specs import describe_spec, normalize_spec
+from inference_service.request_specs import describe_spec, normalize_spec
 from loramerge.errors import InvalidArgument, NotFound, shown
 from loramerge.v1 import merge_pb2
 

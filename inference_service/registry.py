@@ -1,15 +1,13 @@
-"""The adapter registry: merge key -> adapter registered with vLLM (name, lora_int_id, folder).
+"""The loaded-adapter registry: merge key -> adapter registered with vLLM (name, lora_int_id, folder).
 
-- A spec seen before (same fingerprint) whose adapter is loaded is served without calling the
-  merge service. What a spec names can change under it (a hub branch, an S3 object, a local folder),
-  so once ``spec_ttl`` seconds have passed since the merge key was last confirmed, the next request
-  asks the merge service's Plan (sources resolved, nothing built) again: the same key keeps the
-  loaded adapter, a new key is fetched as for a new spec. Specs naming only fixed content (hub
-  commits, S3 revisions) are never re-checked. A merge service that cannot answer leaves the loaded
-  adapter serving (stale but available); one that says the spec no longer resolves fails the request.
-- A new spec is fetched once, however many requests ask for it at the same time (single flight),
-  verified, written into its own new folder and registered with ``add_lora`` under a new name and
-  a new lora_int_id before any request uses it: a bad adapter fails that request, not the engine.
+- A spec seen before is looked up in the spec memory (inference_service/spec_memory.py: remembered
+  spec -> merge key pairs, confirmed again with the merge service after a TTL); when its adapter is
+  loaded it is served without calling the merge service.
+- A new spec is fetched once, however many requests ask for it at the same time (single flight,
+  inference_service/singleflight.py), verified, written into its own new folder and registered with
+  ``add_lora`` under a new name and a new lora_int_id before any request uses it: a bad adapter
+  fails that request, not the engine. Every waiter waits within its own deadline and names error
+  fields its own way; the merge service's progress events reach every waiter while it waits.
 - Two namespaces (trust): a merge key enters the registry only from the merge service's own stream.
   A pushed adapter (``LoadAdapter``) is filed under ``pushed:<sha256 of its bytes>`` (the receiver
   has verified that digest) and served only by that key or its name, never for a spec: the
@@ -30,36 +28,34 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol
 
-from inference_service.engine import ZERO_ADAPTER_ID
 from inference_service.merge_client import Fetched
 from inference_service.metrics import InferenceMetrics
 from inference_service.receiver import AdapterLimits, AdapterWriter, Received, adapter_rank, receive
-from inference_service.specs import (
+from inference_service.request_specs import (
     describe_spec,
     merged_spec_field,
     normalize_spec,
     spec_fingerprint,
     spec_pinned,
 )
+from inference_service.singleflight import Flight, SingleFlight
+from inference_service.spec_memory import SpecMemory
+from inference_service.vllm_engine import ZERO_ADAPTER_ID
 from loramerge.errors import (
     DeadlineExceeded,
-    FailedPrecondition,
     FieldViolation,
     Internal,
     InvalidArgument,
     LoramergeError,
     NotFound,
-    PermissionDenied,
     shown,
 )
 from loramerge.v1 import merge_pb2
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 PUSHED_PREFIX = "pushed:"
 
 
@@ -94,7 +90,7 @@ def pushed_key(sha256: str) -> str:
 
 
 class LoraEngine(Protocol):
-    """What the registry needs from the engine (the real one is inference_service.engine.Engine)."""
+    """What the registry needs from the engine (the real one is inference_service.vllm_engine.Engine)."""
 
     async def add_lora(self, name: str, lora_int_id: int, path: Path) -> None: ...
 
@@ -109,25 +105,12 @@ class Fetcher(Protocol):
         *,
         deadline: float,
         field_namer: Callable[[str], str] = ...,
+        on_progress: Callable[[merge_pb2.MergeProgress], None] | None = ...,
     ) -> Fetched: ...
 
     async def plan(
         self, spec: merge_pb2.MergeSpec, *, deadline: float, field_namer: Callable[[str], str] = ...
     ) -> str: ...
-
-
-# What a merge service answers when the spec itself no longer resolves: a new request would get the
-# same error, so a re-check passes it on rather than serving an adapter for content that is gone.
-SPEC_ERRORS = (InvalidArgument, NotFound, FailedPrecondition, PermissionDenied)
-
-
-@dataclass
-class SpecKey:
-    """The merge key a request spec resolved to, and when the merge service last confirmed it."""
-
-    merge_key: str
-    checked_at: float  # registry clock
-    pinned: bool  # names only fixed content: never re-checked
 
 
 @dataclass
@@ -187,39 +170,34 @@ class AdapterRegistry:
         spec_cache_entries: int = 4096,
         spec_ttl: float = 0.0,
         recheck_timeout: float = 2.0,
-        default_timeout: float = 120.0,
+        fetch_timeout_ceiling: float = 1800.0,
         metrics: InferenceMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``spec_ttl``: seconds after which a remembered spec -> merge key pair is confirmed again
-        with the merge service (0: never); ``recheck_timeout`` bounds that call. ``clock`` measures
-        the TTL (tests pass a fake one)."""
+        """``spec_cache_entries``, ``spec_ttl``, ``recheck_timeout`` and ``clock``: the spec memory's
+        (inference_service/spec_memory.py). ``fetch_timeout_ceiling``: the longest a fetch may take; a
+        caller without a deadline gets it."""
         if max_loaded < 1:
             raise InvalidArgument(
                 f"max_loaded_adapters must be >= 1, got {max_loaded}", field="max_loaded_adapters"
             )
-        if spec_ttl < 0:
-            raise InvalidArgument(f"spec_ttl_seconds must be >= 0, got {spec_ttl}", field="spec_ttl_seconds")
-        if recheck_timeout <= 0:
-            raise InvalidArgument(
-                f"spec_recheck_timeout_seconds must be > 0, got {recheck_timeout}",
-                field="spec_recheck_timeout_seconds",
-            )
+        self.specs = SpecMemory(
+            fetcher,
+            entries=spec_cache_entries,
+            ttl=spec_ttl,
+            recheck_timeout=recheck_timeout,
+            metrics=metrics,
+            clock=clock,
+        )
         self.engine = engine
         self.fetcher = fetcher
         self.adapter_dir = adapter_dir
         self.limits = limits
         self.max_loaded = max_loaded
-        self.default_timeout = default_timeout
+        self.fetch_timeout_ceiling = fetch_timeout_ceiling
         self.metrics = metrics
         self._by_key: OrderedDict[str, Entry] = OrderedDict()  # least recently used first
-        self._specs: OrderedDict[str, SpecKey] = OrderedDict()  # by spec fingerprint
-        self._spec_cache_entries = spec_cache_entries
-        self.spec_ttl = spec_ttl
-        self.recheck_timeout = recheck_timeout
-        self.clock = clock
-        self._inflight: dict[str, asyncio.Task[Usage]] = {}
-        self._rechecks: dict[str, asyncio.Task[str]] = {}  # by spec fingerprint
+        self._fetches: SingleFlight[str, Usage] = SingleFlight()  # by spec fingerprint
         self._abandoned: LoramergeError | None = None
         self._ids = itertools.count(ZERO_ADAPTER_ID + 1)
         self._lock = asyncio.Lock()
@@ -253,43 +231,42 @@ class AdapterRegistry:
         *,
         deadline: float | None = None,
         field_namer: Callable[[str], str] = merged_spec_field,
+        on_progress: Callable[[merge_pb2.MergeProgress], None] | None = None,
     ) -> Lease:
         """The adapter for ``spec``: loaded already, or fetched from the merge service and registered.
 
-        ``deadline`` (time.monotonic()) bounds the fetch, retries included.
+        ``deadline`` (time.monotonic()) bounds this caller's wait, capped at ``fetch_timeout_ceiling``
+        (a caller without one gets the ceiling); a fetch this call starts runs under it, retries
+        included. ``on_progress`` gets the merge service's progress events while a fetch runs.
         """
         if self._abandoned is not None:
             raise self._abandoned
         spec = normalize_spec(spec, self.limits.max_rank)
         fingerprint = spec_fingerprint(spec)
-        deadline = deadline if deadline is not None else time.monotonic() + self.default_timeout
+        ceiling = time.monotonic() + self.fetch_timeout_ceiling
+        deadline = ceiling if deadline is None else min(deadline, ceiling)
         for _ in range(3):  # an entry can be evicted between its fetch finishing and our lease
-            known = self._specs.get(fingerprint)
+            known = self.specs.get(fingerprint)
             entry = self._by_key.get(known.merge_key) if known else None
-            if entry is not None and known is not None and self._due(known):
-                entry = await self._recheck(spec, fingerprint, known, deadline, field_namer)
+            if entry is not None and known is not None and self.specs.due(known):
+                key = await self.specs.recheck(spec, fingerprint, known, deadline, field_namer)
+                entry = self._by_key.get(key)
             if entry is not None:
-                if fingerprint in self._specs:
-                    self._specs.move_to_end(fingerprint)
+                self.specs.touch(fingerprint)
                 self._count("loaded")
                 return self._lease(Usage(entry, already_loaded=True))
-            task = self._inflight.get(fingerprint)
-            if task is None:
-                # The shared fetch names fields in spec terms; each waiter renames them its own way
-                # (a joiner may come from another front-end or name the spec differently).
-                task = asyncio.get_running_loop().create_task(
-                    self._fetch_and_register(spec, fingerprint, deadline, _spec_fields)
-                )
-                self._inflight[fingerprint] = task
-                task.add_done_callback(partial(self._fetch_done, fingerprint))
-                self._count("fetched")
-            else:
-                self._count("joined")
+            # The shared fetch names fields in spec terms; each waiter renames them its own way
+            # (a joiner may come from another front-end or name the spec differently).
+            flight, started = self._fetches.start(
+                fingerprint,
+                lambda publish: self._fetch_and_register(spec, fingerprint, deadline, _spec_fields, publish),
+            )
+            self._count("fetched" if started else "joined")
             try:
-                usage = await self._join_by(task, deadline, spec)
+                usage = await self._wait(flight, deadline, spec, on_progress)
             except DeadlineExceeded as e:
                 # The fetch ran under the first caller's deadline; a joiner with time left fetches again.
-                if time.monotonic() < deadline and task.done() and fingerprint not in self._inflight:
+                if time.monotonic() < deadline and flight.done() and fingerprint not in self._fetches:
                     continue
                 raise _renamed(e, field_namer) from None
             except LoramergeError as e:
@@ -324,113 +301,36 @@ class AdapterRegistry:
         """Fail every request waiting on a fetch or re-check, and every later one, with ``error``
         (the engine has died: nothing fetched now could be served)."""
         self._abandoned = error
-        for task in [*self._inflight.values(), *self._rechecks.values()]:
-            task.cancel()
+        self._fetches.abandon(error)
+        self.specs.rechecks.abandon(error)
 
     async def close(self) -> None:
         """Cancel fetches in flight and remove every adapter folder (the engine is going away)."""
-        for task in [*self._inflight.values(), *self._rechecks.values()]:
-            task.cancel()
+        self._fetches.cancel_all()
+        self.specs.rechecks.cancel_all()
         for entry in list(self._by_key.values()):
             shutil.rmtree(entry.path, ignore_errors=True)
         self._by_key.clear()
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _fetch_done(self, fingerprint: str, task: asyncio.Task[Usage]) -> None:
-        self._inflight.pop(fingerprint, None)
-        if not task.cancelled():
-            task.exception()  # retrieved here: every waiter may have gone away before it failed
-
-    def _recheck_done(self, fingerprint: str, task: asyncio.Task[str]) -> None:
-        self._rechecks.pop(fingerprint, None)
-        if not task.cancelled():
-            task.exception()
-
-    async def _join_by(self, task: asyncio.Task[T], deadline: float, spec: merge_pb2.MergeSpec) -> T:
-        """``_join``, but within this caller's own deadline (the shared task keeps running)."""
+    async def _wait(
+        self,
+        flight: Flight[Usage],
+        deadline: float,
+        spec: merge_pb2.MergeSpec,
+        on_progress: Callable[[merge_pb2.MergeProgress], None] | None,
+    ) -> Usage:
+        """The shared fetch's result, within this caller's own deadline (the fetch keeps running)."""
         try:
-            return await asyncio.wait_for(self._join(task), max(0.0, deadline - time.monotonic()))
+            return await self._fetches.wait(flight, deadline - time.monotonic(), on_progress)  # type: ignore[arg-type]
         except TimeoutError:
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                raise task.exception() from None  # type: ignore[misc]
+            failure = flight.failure()
+            if failure is not None:
+                raise failure from None
             raise DeadlineExceeded(
                 f"deadline exceeded waiting for the merge of {describe_spec(spec)}", field="spec"
             ) from None
-
-    async def _join(self, task: asyncio.Task[T]) -> T:
-        """Wait for a shared task. Shielded: one caller going away must not cancel the work the
-        others wait for. A task cancelled by ``abandon`` fails its waiters with the given error."""
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            me = asyncio.current_task()
-            if self._abandoned is not None and task.cancelled() and not (me and me.cancelling()):
-                raise self._abandoned from None
-            raise
-
-    def _due(self, known: SpecKey) -> bool:
-        return bool(self.spec_ttl) and not known.pinned and self.clock() - known.checked_at >= self.spec_ttl
-
-    async def _recheck(
-        self,
-        spec: merge_pb2.MergeSpec,
-        fingerprint: str,
-        known: SpecKey,
-        deadline: float,
-        field_namer: Callable[[str], str],
-    ) -> Entry | None:
-        """The loaded entry the spec still resolves to, or None when it now resolves to a key that is
-        not loaded (the caller fetches it). Concurrent requests for one spec share one Plan call."""
-        task = self._rechecks.get(fingerprint)
-        if task is None:
-            deadline = min(deadline, time.monotonic() + self.recheck_timeout)
-            task = asyncio.get_running_loop().create_task(
-                self._confirm_key(spec, fingerprint, known, deadline, field_namer)
-            )
-            self._rechecks[fingerprint] = task
-            task.add_done_callback(partial(self._recheck_done, fingerprint))
-        return self._by_key.get(await self._join(task))
-
-    async def _confirm_key(
-        self,
-        spec: merge_pb2.MergeSpec,
-        fingerprint: str,
-        known: SpecKey,
-        deadline: float,
-        field_namer: Callable[[str], str],
-    ) -> str:
-        """Ask the merge service which key ``spec`` resolves to now and remember the answer."""
-        try:
-            key = await self.fetcher.plan(spec, deadline=deadline, field_namer=field_namer)
-        except SPEC_ERRORS:
-            self._specs.pop(fingerprint, None)
-            self._count_recheck("failed")
-            raise
-        except LoramergeError as e:  # unreachable, overloaded, broken: keep serving what is loaded
-            known.checked_at = self.clock()  # and ask again after another TTL, not on every request
-            self._count_recheck("unreachable")
-            log.warning(
-                "could not re-check a request spec with the merge service; serving the loaded adapter",
-                extra={"merge_key": known.merge_key, "spec": describe_spec(spec), "error": e.message},
-            )
-            return known.merge_key
-        if key == known.merge_key:
-            self._count_recheck("same")
-        else:
-            self._count_recheck("changed")
-            log.info(
-                "request spec resolves to a new merge key",
-                extra={"spec": describe_spec(spec), "old_merge_key": known.merge_key, "merge_key": key},
-            )
-        self._remember(fingerprint, SpecKey(key, self.clock(), known.pinned))
-        return key
-
-    def _remember(self, fingerprint: str, known: SpecKey) -> None:
-        self._specs[fingerprint] = known
-        self._specs.move_to_end(fingerprint)
-        while len(self._specs) > self._spec_cache_entries:
-            self._specs.popitem(last=False)
 
     def _lease(self, usage: Usage) -> Lease:
         entry = usage.entry
@@ -451,12 +351,19 @@ class AdapterRegistry:
                 await self._evict_down_to(self.max_loaded, spare_unused=True)
 
     async def _fetch_and_register(
-        self, spec: merge_pb2.MergeSpec, fingerprint: str, deadline: float, field_namer: Callable[[str], str]
+        self,
+        spec: merge_pb2.MergeSpec,
+        fingerprint: str,
+        deadline: float,
+        field_namer: Callable[[str], str],
+        publish: Callable[[object], None],
     ) -> Usage:
         lora_int_id = next(self._ids)
         writer = AdapterWriter(self.adapter_dir / f"{lora_int_id:08d}-{uuid.uuid4().hex[:8]}", self.limits)
         try:
-            fetched = await self.fetcher.fetch(spec, writer, deadline=deadline, field_namer=field_namer)
+            fetched = await self.fetcher.fetch(
+                spec, writer, deadline=deadline, field_namer=field_namer, on_progress=publish
+            )
         except BaseException as e:
             writer.discard()
             if self.metrics:
@@ -477,7 +384,7 @@ class AdapterRegistry:
                 "namespace)",
                 field="header.merge_key",
             )
-        self._remember(fingerprint, SpecKey(key, self.clock(), spec_pinned(spec)))
+        self.specs.remember(fingerprint, key, spec_pinned(spec))
         usage = await self._register(received, key, lora_int_id, describe_spec(spec), via="merge")
         return Usage(
             usage.entry,
@@ -580,7 +487,3 @@ class AdapterRegistry:
     def _count(self, result: str) -> None:
         if self.metrics:
             self.metrics.adapter_lookups.labels(result=result).inc()
-
-    def _count_recheck(self, result: str) -> None:
-        if self.metrics:
-            self.metrics.spec_rechecks.labels(result=result).inc()

@@ -24,7 +24,6 @@ from prometheus_client import CollectorRegistry
 
 from inference_service.chat import ChatTemplate
 from inference_service.dataplane import DataPlane
-from inference_service.engine import Engine
 from inference_service.http_server import HttpFrontEnd, HttpOptions
 from inference_service.merge_client import MergeClient
 from inference_service.metrics import InferenceMetrics
@@ -33,6 +32,7 @@ from inference_service.recipes import RecipeBook, load_recipes
 from inference_service.registry import AdapterRegistry
 from inference_service.servicer import InferenceServicer
 from inference_service.settings import InferenceSettings
+from inference_service.vllm_engine import Engine
 from loramerge.errors import Unavailable
 from loramerge.v1 import inference_pb2, inference_pb2_grpc
 from loramerge_common.auth import TokenAuth, load_token
@@ -107,7 +107,7 @@ async def serve(
     metrics = InferenceMetrics(registry)
     plane = DataPlane(
         metrics=metrics,
-        merge_timeout_seconds=settings.merge_timeout_seconds,
+        fetch_timeout_ceiling_seconds=settings.fetch_timeout_ceiling_seconds,
         recipes=recipes if recipes is not None else RecipeBook(load_recipes(settings.recipes)),
     )
     servicer = InferenceServicer(rpc_metrics=rpc_metrics, dataplane=plane)
@@ -153,7 +153,7 @@ async def serve(
             spec_cache_entries=settings.spec_cache_entries,
             spec_ttl=settings.spec_ttl_seconds,
             recheck_timeout=settings.spec_recheck_timeout_seconds,
-            default_timeout=settings.merge_timeout_seconds,
+            fetch_timeout_ceiling=settings.fetch_timeout_ceiling_seconds,
             metrics=metrics,
         )
         chat = ChatTemplate.for_engine(engine, settings.chat_template)

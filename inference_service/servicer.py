@@ -9,10 +9,10 @@ import grpc.aio
 
 from inference_service.chat import ChatTemplate
 from inference_service.dataplane import DataPlane, Step, TokenLogprob
-from inference_service.engine import Engine
 from inference_service.metrics import InferenceMetrics
 from inference_service.recipes import RecipeBook
 from inference_service.registry import AdapterRegistry, Usage
+from inference_service.vllm_engine import Engine
 from loramerge.errors import InvalidArgument, shown
 from loramerge.v1 import inference_pb2, inference_pb2_grpc, merge_pb2
 from loramerge_common.metrics import RpcMetrics
@@ -35,12 +35,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         *,
         metrics: InferenceMetrics | None = None,
         rpc_metrics: RpcMetrics | None = None,
-        merge_timeout_seconds: float = 120.0,
+        fetch_timeout_ceiling_seconds: float = 1800.0,
         dataplane: DataPlane | None = None,
         recipes: RecipeBook | None = None,
     ) -> None:
         self.plane = dataplane or DataPlane(
-            metrics=metrics, merge_timeout_seconds=merge_timeout_seconds, recipes=recipes
+            metrics=metrics, fetch_timeout_ceiling_seconds=fetch_timeout_ceiling_seconds, recipes=recipes
         )
         self.rpc_metrics = rpc_metrics
         if engine is not None and registry is not None:
@@ -77,7 +77,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def GenerateStream(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
-        async for step in self.plane.generate(request, context.time_remaining()):
+        steps = self.plane.generate(request, context.time_remaining(), merge_progress=request.merge_progress)
+        async for step in steps:
+            if step.merge_progress is not None:
+                yield inference_pb2.GenerateStreamResponse(
+                    request_id=step.request_id, merge_progress=step.merge_progress
+                )
+                continue
             msg = inference_pb2.GenerateStreamResponse(
                 text=step.text,
                 token_ids=step.token_ids,

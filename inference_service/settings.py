@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from loramerge_client.retry import RetryPolicy
 from loramerge_common.server import ServerSettings
 from loramerge_common.settings import MiB, setting
 
@@ -59,11 +61,29 @@ class MergeClientSettings:
     merge_tls_cert: Path | None = setting(None, "client certificate for mTLS to the merge service")
     merge_tls_key: Path | None = setting(None, "client key for mTLS to the merge service", secret=True)
     merge_auth_token_file: Path | None = setting(None, "file holding a bearer token for the merge service")
-    merge_timeout_seconds: float = setting(
-        120.0, "longest one adapter fetch may take when the request has no deadline"
+    fetch_timeout_ceiling_seconds: float = setting(
+        1800.0,
+        "longest one adapter fetch may take (a TIES merge of an 8B model on a CPU merge service takes "
+        "minutes): a request's own deadline bounds its fetch up to this; a request without one gets it",
     )
-    merge_retry_initial_seconds: float = setting(0.2, "first back-off when the merge service is unavailable")
+    merge_retry_initial_seconds: float = setting(
+        0.2,
+        "first back-off when the merge service is unavailable (UNAVAILABLE, ABORTED, or CANCELLED by "
+        "the server); doubles per attempt",
+    )
     merge_retry_max_seconds: float = setting(5.0, "longest back-off between retries")
+    merge_retry_jitter: float = setting(0.2, "each back-off is scaled by a random factor in 1 ± this")
+    merge_retry_max_attempts: int = setting(0, "attempts per fetch; 0: retry until the deadline")
+
+    def merge_retry_policy(self) -> RetryPolicy:
+        """The client library's retry policy (loramerge_client.retry), with these settings."""
+        return RetryPolicy(
+            max_attempts=self.merge_retry_max_attempts or sys.maxsize,
+            initial_backoff=self.merge_retry_initial_seconds,
+            max_backoff=self.merge_retry_max_seconds,
+            jitter=self.merge_retry_jitter,
+        )
+
     spec_cache_entries: int = setting(
         4096, "remembered request-spec -> merge-key pairs (lets a repeated spec skip the merge service)"
     )

@@ -101,14 +101,22 @@ class Retrier:
             raise make_error(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call was sent")
         return left
 
-    def _delay(self, err: grpc.RpcError) -> float:
-        """Seconds to wait before the next attempt, or raise the error when there is none."""
-        code = err.code() if hasattr(err, "code") else None
+    def retry_delay(self, code: grpc.StatusCode | None) -> float | None:
+        """Seconds to wait before the next attempt after one that failed with ``code``; None when
+        the policy says stop: the code is not retried, the attempts are used up, or the wait would
+        outlive the deadline. (For callers that raise their own errors, e.g. the inference service.)"""
         if code not in self.policy.retry_codes or self.attempts >= self.policy.max_attempts:
-            raise from_rpc_error(err) from err
+            return None
         delay = self.policy.backoff(self.attempts, self._rng)
         left = self.deadline.remaining()
         if left is not None and delay >= left:
+            return None
+        return delay
+
+    def _delay(self, err: grpc.RpcError) -> float:
+        """Seconds to wait before the next attempt, or raise the error when there is none."""
+        delay = self.retry_delay(err.code() if hasattr(err, "code") else None)
+        if delay is None:
             raise from_rpc_error(err) from err
         return delay
 

@@ -14,7 +14,7 @@ import pytest
 from loramerge import errors as E
 from loramerge.v1 import merge_pb2
 from loramerge_client.cli import main
-from loramerge_client.progress import ProgressBar, render
+from loramerge_client.progress import Eta, ProgressBar, format_eta, render
 from tests.client.conftest import FakeStack
 from tests.client.fakes import WEIGHTS
 
@@ -201,6 +201,36 @@ def test_progress_bar_redraws_on_a_terminal() -> None:
         bar(merge_pb2.MergeProgress(stage="merge", done=1, total=2))
     assert pipe.getvalue() == "" and bar.events == 1
     assert render("svd", 1, 4, width=8) == "svd            [##......] 1/4"
+
+
+def test_progress_bar_shows_modules_done_of_total_with_an_eta() -> None:
+    """The merge stage counts modules; the ETA comes from the stage's rate so far."""
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    now = [100.0]
+    tty = Tty()
+    with ProgressBar(tty, clock=lambda: now[0]) as bar:
+        bar(merge_pb2.MergeProgress(stage="merge", done=0, total=224))
+        assert tty.getvalue().endswith("0/224 modules")  # no rate yet: no ETA
+        now[0] += 10.0
+        bar(merge_pb2.MergeProgress(stage="merge", done=56, total=224))
+        assert tty.getvalue().endswith("56/224 modules, ETA 0:30")  # 168 left at 5.6 a second
+        now[0] += 30.0
+        bar(merge_pb2.MergeProgress(stage="merge", done=224, total=224))
+    assert tty.getvalue().endswith("\x1b[K" + "merge".ljust(14) + " [" + "#" * 28 + "] 224/224\n")
+    eta = Eta(clock=lambda: now[0])
+    assert eta("load", 0, 4) is None
+    now[0] += 2.0
+    assert eta("load", 1, 4) == pytest.approx(6.0)
+    assert eta("merge", 0, 10) is None  # a new stage starts its own rate
+    assert format_eta(7) == "0:07" and format_eta(245) == "4:05" and format_eta(3723) == "1:02:03"
+    assert (
+        render("merge", 3, 10, width=4, unit="modules", eta=65)
+        == "merge          [#...] 3/10 modules, ETA 1:05"
+    )
 
 
 def test_console_script_entry_point(fakes: FakeStack) -> None:

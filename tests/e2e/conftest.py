@@ -232,7 +232,7 @@ def inference_service(
             "--max-loras", "4",
             "--max-cpu-loras", "8",
             "--ready-file", str(work / "ready.json"),
-            "--merge-timeout-seconds", "60",
+            "--fetch-timeout-ceiling-seconds", "60",
             "--merge-retry-max-seconds", "0.5",
             "--grace-seconds", "2",
             "--log-format", "json",

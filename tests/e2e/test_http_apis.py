@@ -233,6 +233,63 @@ def test_curl_sees_raw_server_sent_events(url: str) -> None:
     assert json.loads(events[0].removeprefix("data:"))["object"] == "text_completion"
 
 
+def fresh_ties(weight: float) -> dict:
+    """A TIES merge nobody has asked for yet: the merge service builds it, streaming its progress."""
+    return {
+        "adapters": [{"id": "a", "weight": weight}, {"id": "b", "weight": 1 - weight}],
+        "merge_strategy": "TIES",
+        "density": 0.5,
+    }
+
+
+def test_streams_report_merge_progress_as_sse_comments_before_the_first_token(url: str, client) -> None:
+    """While a new merge is built, a stream carries ``: merge progress: <stage> <done>/<total>``
+    comment lines before the first token; SSE parsers (the openai SDK, lorax-client) skip them."""
+    from lorax import Client, MergedAdapters
+
+    body = {"model": "", "prompt": PROMPT, "max_tokens": 4, "temperature": 0, "stream": True}
+    body["merged_adapters"] = fresh_ties(0.61)
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line]
+    comments = [i for i, line in enumerate(lines) if line.startswith(": merge progress: ")]
+    data = [i for i, line in enumerate(lines) if line.startswith("data:")]
+    assert comments and max(comments) < min(data), lines[:8]
+    stage, counts = lines[comments[-1]].removeprefix(": merge progress: ").split(" ")
+    done, total = map(int, counts.split("/"))
+    assert stage in ("load", "merge") and 0 <= done <= total and total > 0
+    streamed = "".join(json.loads(lines[i].removeprefix("data:"))["choices"][0]["text"] for i in data[:-1])
+    whole = client.completions.create(
+        model="", prompt=PROMPT, max_tokens=4, temperature=0, extra_body={"merged_adapters": fresh_ties(0.61)}
+    )
+    assert streamed == whole.choices[0].text
+
+    # The official clients parse such streams as they parse any other.
+    spec = fresh_ties(0.62)
+    chunks = list(
+        client.completions.create(
+            model="", prompt=PROMPT, max_tokens=N, temperature=0, stream=True,
+            extra_body={"merged_adapters": spec},
+        )
+    )  # fmt: skip
+    again = client.completions.create(
+        model="", prompt=PROMPT, max_tokens=N, temperature=0, extra_body={"merged_adapters": spec}
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == again.choices[0].text
+    chat = list(
+        client.chat.completions.create(
+            model="", messages=MESSAGES, max_tokens=N, temperature=0, stream=True,
+            extra_body={"merged_adapters": fresh_ties(0.63)},
+        )
+    )  # fmt: skip
+    assert chat[0].choices[0].delta.role == "assistant" and chat[-1].choices[0].finish_reason
+    lorax = Client(url, timeout=120)
+    merged = MergedAdapters(ids=["a", "b"], weights=[0.64, 0.36], merge_strategy="ties", density=0.5)
+    events = list(lorax.generate_stream(PROMPT, merged_adapters=merged, max_new_tokens=N))
+    answer = lorax.generate(PROMPT, merged_adapters=merged, max_new_tokens=N)
+    assert events[-1].generated_text == answer.generated_text
+
+
 # -- bad input: each API's own error shape and code, never a 500, nothing loaded ------------------
 
 

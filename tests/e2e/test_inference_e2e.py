@@ -21,7 +21,7 @@ import torch
 from grpc_status import rpc_status
 from safetensors.torch import load_file, save_file
 
-from inference_service.specs import normalize_spec
+from inference_service.request_specs import normalize_spec
 from loramerge.errors import violations_from_status
 from loramerge.v1 import inference_pb2, merge_pb2
 from tests.e2e.conftest import MAX_LORA_RANK, MergeServiceProcess, ServiceProcess
@@ -180,6 +180,29 @@ def test_streaming_gives_the_same_tokens_as_unary(inference_stub):
     assert messages[0].adapter.merge_key == unary.adapter.merge_key
     assert messages[-1].finish_reason == unary.finish_reason != I.FINISH_REASON_UNSPECIFIED
     assert all(m.finish_reason == I.FINISH_REASON_UNSPECIFIED for m in messages[:-1])
+
+
+def test_stream_reports_merge_progress_before_the_first_token_when_asked(inference_stub):
+    """A new merge (the merge service builds it): with merge_progress, messages carrying only the
+    merge service's progress come first; then the same tokens as unary, the adapter on the first."""
+    merged = spec(("a", 0.45), ("c", 0.55), strategy=M.TIES, density=0.5)
+    request = I.GenerateRequest(
+        prompt=PROMPTS[0], sampling=greedy(), merged_adapters=merged, merge_progress=True, request_id="mp"
+    )
+    messages = list(inference_stub.GenerateStream(request, timeout=120))
+    progress = [m for m in messages if m.HasField("merge_progress")]
+    tokens = messages[len(progress) :]
+    assert progress, "no merge progress for a merge the merge service had to build"
+    assert not any(m.HasField("merge_progress") for m in tokens)  # all before the first token
+    assert all(m.request_id == "mp" and not m.token_ids and not m.text for m in progress)
+    assert {m.merge_progress.stage for m in progress} <= {"load", "merge"}
+    assert all(0 <= m.merge_progress.done <= m.merge_progress.total for m in progress)
+    unary = inference_stub.Generate(request, timeout=120)
+    assert [t for m in tokens for t in m.token_ids] == list(unary.token_ids)
+    assert tokens[0].adapter.merge_key == unary.adapter.merge_key and not tokens[0].adapter.already_loaded
+    # Loaded now: nothing to merge, no progress.
+    again = list(inference_stub.GenerateStream(request, timeout=120))
+    assert not any(m.HasField("merge_progress") for m in again) and again[0].adapter.already_loaded
 
 
 # -- caching and concurrency ------------------------------------------------------------------------

@@ -511,7 +511,7 @@ def _inference_process(stack: Stack, *, log_name: str) -> ServiceProcess:
         "--max-adapter-bytes", str(stack.limits.inference_max_adapter_bytes),
         "--max-receive-message-bytes", str(stack.limits.inference_max_message_bytes),
         "--ready-file", str(ready),
-        "--merge-timeout-seconds", "60",
+        "--fetch-timeout-ceiling-seconds", "60",
         "--merge-retry-max-seconds", "0.5",
         "--grace-seconds", "30",
         "--log-format", "json",

@@ -56,7 +56,7 @@ def assert_folders_match_listing(stack: Stack) -> None:
 
 def merged_bytes(stack: Stack, s: M.MergeSpec) -> tuple[str, bytes]:
     """(merge key, safetensors bytes) straight from the merge service, as the inference service asks."""
-    from inference_service.specs import normalize_spec
+    from inference_service.request_specs import normalize_spec
     from tests.faults.stack import MAX_LORA_RANK
 
     header, data = None, bytearray()

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from inference_service.specs import normalize_spec
+from inference_service.request_specs import normalize_spec
 from loramerge.v1 import inference_pb2, merge_pb2
 from tests.faults.stack import MAX_LORA_RANK, Stack
 from tests.fuzz.messages import TEXT, UINT64, check_error, generate_requests

@@ -14,10 +14,10 @@ import grpc
 import grpc.aio
 import pytest
 
-from inference_service.merge_client import MergeClient, backoff_delays
+from inference_service.merge_client import MergeClient
 from inference_service.receiver import AdapterLimits, AdapterWriter
+from inference_service.request_specs import single_adapter_field
 from inference_service.settings import MergeClientSettings
-from inference_service.specs import single_adapter_field
 from loramerge.errors import DeadlineExceeded, FailedPrecondition, NotFound, Unavailable, to_rpc_status
 from loramerge.v1 import merge_pb2 as M
 from loramerge.v1 import merge_pb2_grpc
@@ -70,7 +70,13 @@ class Scripted(merge_pb2_grpc.MergeServiceServicer):
 
 
 async def fetch(
-    servicer: Scripted | None, tmp_path: Path, timeout: float = 10, *, plan: bool = False, **spec_kw
+    servicer: Scripted | None,
+    tmp_path: Path,
+    timeout: float = 10,
+    *,
+    plan: bool = False,
+    max_attempts: int = 0,
+    **spec_kw,
 ):
     """Fetch spec "a" from ``servicer`` (None: a closed port); ``plan``: ask Plan for its key instead."""
     server = grpc.aio.server()
@@ -83,7 +89,10 @@ async def fetch(
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
     settings = MergeClientSettings(
-        merge_service=f"127.0.0.1:{port}", merge_retry_initial_seconds=0.05, merge_retry_max_seconds=0.2
+        merge_service=f"127.0.0.1:{port}",
+        merge_retry_initial_seconds=0.05,
+        merge_retry_max_seconds=0.2,
+        merge_retry_max_attempts=max_attempts,
     )
     client = MergeClient(settings)
     writer = AdapterWriter(tmp_path / "out", LIMITS)
@@ -142,8 +151,59 @@ def test_deadline_exceeded_from_the_server_is_reported_as_such(tmp_path):
 
 
 def test_backoff_doubles_up_to_the_cap():
-    delay = backoff_delays(0.1, 0.5)
-    assert [round(delay(), 3) for _ in range(5)] == [0.1, 0.2, 0.4, 0.5, 0.5]
+    """The client library's policy (loramerge_client.retry), configured from the service's settings."""
+    settings = MergeClientSettings(
+        merge_retry_initial_seconds=0.1, merge_retry_max_seconds=0.5, merge_retry_jitter=0.0
+    )
+    policy = settings.merge_retry_policy()
+    assert [round(policy.backoff(k), 3) for k in range(1, 6)] == [0.1, 0.2, 0.4, 0.5, 0.5]
+    jittered = MergeClientSettings(merge_retry_initial_seconds=1.0).merge_retry_policy()
+    assert all(0.8 <= jittered.backoff(1) <= 1.2 for _ in range(100))
+    assert {c.name for c in policy.retry_codes} == {"UNAVAILABLE", "ABORTED", "CANCELLED"}
+    assert MergeClientSettings(merge_retry_max_attempts=3).merge_retry_policy().max_attempts == 3
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED])
+def test_aborted_and_server_cancelled_are_retried_like_unavailable(tmp_path, code):
+    """A build that found an input rewritten since its plan (ABORTED) and a call grpc dropped while
+    its server stopped (CANCELLED) are retried, as the client library does."""
+
+    class Once(Scripted):
+        async def Merge(self, request, context):
+            if not self.requests:
+                self.requests.append(request)
+                await context.abort(code, "try again")
+            self.requests.append(request)
+            async for chunk in super().Merge(request, context):
+                yield chunk
+
+    got = asyncio.run(fetch(Once(), tmp_path))
+    assert got.attempts == 2
+    assert (tmp_path / "out" / "adapter_model.safetensors").read_bytes() == DATA
+
+
+def test_max_attempts_stops_before_the_deadline(tmp_path):
+    servicer = Scripted(unavailable=10)
+    t0 = time.monotonic()
+    with pytest.raises(Unavailable, match=r"unavailable: 3 attempt\(s\)"):
+        asyncio.run(fetch(servicer, tmp_path, timeout=30, max_attempts=3))
+    assert time.monotonic() - t0 < 5
+
+
+def test_progress_items_reach_on_progress(tmp_path):
+    class Building(Scripted):
+        async def Merge(self, request, context):
+            for done in range(3):
+                yield M.MergeChunk(progress=M.MergeProgress(stage="merge", done=done, total=2))
+            async for chunk in super().Merge(request, context):
+                yield chunk
+
+    seen: list[tuple[str, int, int]] = []
+    got = asyncio.run(
+        fetch(Building(), tmp_path, on_progress=lambda p: seen.append((p.stage, p.done, p.total)))
+    )
+    assert seen == [("merge", 0, 2), ("merge", 1, 2), ("merge", 2, 2)]
+    assert got.received.bytes == len(DATA)
 
 
 def test_plan_asks_once_for_the_merge_key(tmp_path):

@@ -16,13 +16,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from inference_service.engine import EngineInfo
 from inference_service.receiver import AdapterLimits
 from inference_service.registry import AdapterRegistry
 from inference_service.server import SERVICE_NAME
 from inference_service.servicer import InferenceServicer
+from inference_service.vllm_engine import EngineInfo
 from loramerge.v1 import inference_pb2 as I
 from loramerge.v1 import inference_pb2_grpc
+from loramerge.v1 import merge_pb2 as M
 from loramerge_common.server import GrpcServer, ServerSettings, Service
 from loramerge_common.testing import ServerThread
 from tests.unit.test_inference_registry import FakeEngine, FakeMergeService
@@ -83,8 +84,10 @@ def served(tmp_path: Path):
         max_loaded=4,
     )
     servicer = InferenceServicer()
+    loops: list[asyncio.AbstractEventLoop] = []
 
     async def make() -> GrpcServer:
+        loops.append(asyncio.get_running_loop())
         server = GrpcServer(
             ServerSettings(listen="127.0.0.1:0"),
             [Service(SERVICE_NAME, servicer, inference_pb2_grpc.add_InferenceServiceServicer_to_server)],
@@ -99,6 +102,7 @@ def served(tmp_path: Path):
             servicer=servicer,
             engine=engine,
             registry=registry,
+            loop=loops[0],
             stub=inference_pb2_grpc.InferenceServiceStub(channel),
             health=health_pb2_grpc.HealthStub(channel),
         )
@@ -163,3 +167,56 @@ def test_a_client_going_away_closes_the_engine_stream_and_releases_the_adapter(s
     while entry.leases or not served.engine.closed_early:
         assert time.monotonic() < deadline, (entry.leases, served.engine.closed_early)
         time.sleep(0.05)
+
+
+def test_generate_stream_reports_merge_progress_before_the_first_token_when_asked(served):
+    """merge_progress: the merge service's progress comes first, then tokens with the adapter usage
+    on the first token's message; without it the stream is as before."""
+    served.servicer.attach(served.engine, served.registry)
+    merges = served.registry.fetcher
+    merges.progress = [M.MergeProgress(stage="merge", done=d, total=4) for d in range(5)]
+    request = I.GenerateRequest(
+        prompt="x",
+        adapter_id="p",
+        sampling=I.SamplingParams(max_tokens=2),
+        merge_progress=True,
+        request_id="r",
+    )
+    messages = list(served.stub.GenerateStream(request, timeout=10))
+    progress = [m for m in messages if m.HasField("merge_progress")]
+    tokens = [m for m in messages if not m.HasField("merge_progress")]
+    assert progress and messages[: len(progress)] == progress  # all before the first token
+    assert all(m.merge_progress.stage == "merge" and m.merge_progress.total == 4 for m in progress)
+    assert all(not m.text and not m.token_ids and m.request_id == "r" for m in progress)
+    dones = [m.merge_progress.done for m in progress]
+    assert dones == sorted(dones)
+    assert [m.completion_tokens for m in tokens] == [1, 2] and tokens[0].adapter.merge_key == "p"
+
+    # Not asked for (and for a loaded adapter nothing is merged anyway): the first message is a token's.
+    merges.progress = [M.MergeProgress(stage="merge", done=1, total=4)]
+    plain = I.GenerateRequest(prompt="x", adapter_id="q", sampling=I.SamplingParams(max_tokens=2))
+    messages = list(served.stub.GenerateStream(plain, timeout=10))
+    assert not any(m.HasField("merge_progress") for m in messages)
+    assert messages[0].adapter.merge_key == "q"
+
+
+def test_a_client_going_away_during_the_merge_leaves_no_lease(served):
+    served.servicer.attach(served.engine, served.registry)
+    merges = served.registry.fetcher
+    merges.progress = [M.MergeProgress(stage="merge", done=0, total=4)]
+    gate = asyncio.Event()
+    merges.gate = gate
+    call = served.stub.GenerateStream(
+        I.GenerateRequest(prompt="x", adapter_id="slow", merge_progress=True), timeout=30
+    )
+    first = next(call)
+    assert first.HasField("merge_progress") and first.merge_progress.total == 4
+    call.cancel()
+    time.sleep(0.2)
+    served.loop.call_soon_threadsafe(gate.set)
+    deadline = time.monotonic() + 10
+    while not served.registry.entries():  # the shared fetch finishes for whoever asks next
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    (entry,) = served.registry.entries()
+    assert entry.leases == 0

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from inference_service.specs import describe_spec
+from inference_service.request_specs import describe_spec
 from loramerge.errors import SHOWN_CHARS, LoramergeError, shown
 from loramerge.v1 import merge_pb2
 from merge_service.convert import spec_from_proto

@@ -54,6 +54,7 @@ class FakeMergeService:
         self.plan_calls = 0
         self.plan_gate: asyncio.Event | None = None
         self.plan_fail_with: Exception | None = None
+        self.progress: list[M.MergeProgress] = []  # sent to on_progress before the gate
 
     async def plan(self, spec: M.MergeSpec, *, deadline: float, field_namer=None) -> str:
         self.plan_calls += 1
@@ -64,9 +65,13 @@ class FakeMergeService:
         return self.keys.get(spec.adapters[0].id, spec.adapters[0].id)
 
     async def fetch(
-        self, spec: M.MergeSpec, writer: AdapterWriter, *, deadline: float, field_namer=None
+        self, spec: M.MergeSpec, writer: AdapterWriter, *, deadline: float, field_namer=None, on_progress=None
     ) -> Fetched:
         self.calls += 1
+        for event in self.progress:
+            if on_progress is not None:
+                on_progress(event)
+            await asyncio.sleep(0)
         if self.gate is not None:
             try:  # like the real fetcher: bounded by the deadline it was given
                 await asyncio.wait_for(self.gate.wait(), max(0.0, deadline - time.monotonic()))

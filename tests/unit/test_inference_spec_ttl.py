@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from inference_service.metrics import InferenceMetrics
 from inference_service.registry import AdapterRegistry
-from inference_service.specs import ref_pinned, spec_pinned
+from inference_service.request_specs import ref_pinned, spec_pinned
 from loramerge.errors import DeadlineExceeded, NotFound, PermissionDenied, Unavailable
 from loramerge.v1 import merge_pb2 as M
 from loramerge_common.metrics import sample_value

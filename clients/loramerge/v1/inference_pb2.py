@@ -25,49 +25,49 @@ _sym_db = _symbol_database.Default()
 from loramerge.v1 import merge_pb2 as loramerge_dot_v1_dot_merge__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloramerge/v1/inference.proto\x12\x0cloramerge.v1\x1a\x18loramerge/v1/merge.proto\"\xfa\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1a\n\x12repetition_penalty\x18\x07 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x02\x12\x12\n\nmin_tokens\x18\n \x01(\r\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x42\x07\n\x05_seed\"\xa2\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12.\n\x08sampling\x18\x02 \x01(\x0b\x32\x1c.loramerge.v1.SamplingParams\x12\x12\n\nadapter_id\x18\x03 \x01(\t\x12\x33\n\x0e\x61\x64\x61pter_source\x18\x04 \x01(\x0e\x32\x1b.loramerge.v1.AdapterSource\x12\x18\n\x10\x61\x64\x61pter_revision\x18\x05 \x01(\t\x12\x1b\n\x0e\x61\x64\x61pter_weight\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12\x30\n\x0fmerged_adapters\x18\x07 \x01(\x0b\x32\x17.loramerge.v1.MergeSpec\x12\x11\n\tmerge_key\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12+\n\x08messages\x18\n \x03(\x0b\x32\x19.loramerge.v1.ChatMessage\x12\x0e\n\x06recipe\x18\x0b \x01(\t\x12\x10\n\x08logprobs\x18\x0c \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\r \x01(\rB\x11\n\x0f_adapter_weight\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"o\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12.\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x18.loramerge.v1.TopLogprob\"\xa6\x01\n\x0c\x41\x64\x61pterUsage\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tmerge_key\x18\x02 \x01(\t\x12\x16\n\x0e\x61lready_loaded\x18\x03 \x01(\x08\x12\x17\n\x0fmerge_cache_hit\x18\x04 \x01(\x08\x12\x10\n\x08merge_ms\x18\x05 \x01(\x01\x12\x13\n\x0btransfer_ms\x18\x06 \x01(\x01\x12\x0f\n\x07load_ms\x18\x07 \x01(\x01\x12\x0c\n\x04rank\x18\x08 \x01(\r\"\x87\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x31\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1a.loramerge.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12+\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x1a.loramerge.v1.AdapterUsage\x12\x11\n\ttoken_ids\x18\x06 \x03(\r\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12,\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1a.loramerge.v1.TokenLogprob\"\x8d\x02\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.loramerge.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12+\n\x07\x61\x64\x61pter\x18\x06 \x01(\x0b\x32\x1a.loramerge.v1.AdapterUsage\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12,\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1a.loramerge.v1.TokenLogprob\"_\n\x13LoadAdapterResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tmerge_key\x18\x02 \x01(\t\x12\x16\n\x0e\x61lready_loaded\x18\x03 \x01(\x08\x12\x0f\n\x07load_ms\x18\x04 \x01(\x01\"\x15\n\x13ListAdaptersRequest\"\xc6\x01\n\rLoadedAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tmerge_key\x18\x02 \x01(\t\x12\x13\n\x0blora_int_id\x18\x03 \x01(\r\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\r\n\x05\x62ytes\x18\x05 \x01(\x04\x12\x12\n\nbase_model\x18\x06 \x01(\t\x12\x11\n\tloaded_at\x18\x07 \x01(\x01\x12\x14\n\x0clast_used_at\x18\x08 \x01(\x01\x12\x10\n\x08requests\x18\t \x01(\x04\x12\x13\n\x0b\x64\x65scription\x18\n \x01(\t\"\x84\x01\n\x14ListAdaptersResponse\x12-\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1b.loramerge.v1.LoadedAdapter\x12\x12\n\nmax_loaded\x18\x02 \x01(\r\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12\x15\n\rmax_lora_rank\x18\x04 \x01(\r\"7\n\x14UnloadAdapterRequest\x12\x11\n\tmerge_key\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\")\n\x15UnloadAdapterResponse\x12\x10\n\x08unloaded\x18\x01 \x01(\x08\"\x14\n\x12ListRecipesRequest\"R\n\x06Recipe\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04spec\x18\x02 \x01(\x0b\x32\x17.loramerge.v1.MergeSpec\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"<\n\x13ListRecipesResponse\x12%\n\x07recipes\x18\x01 \x03(\x0b\x32\x14.loramerge.v1.Recipe*N\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x08\n\x04STOP\x10\x01\x12\n\n\x06LENGTH\x10\x02\x12\t\n\x05\x41\x42ORT\x10\x03\x32\x89\x04\n\x10InferenceService\x12I\n\x08Generate\x12\x1d.loramerge.v1.GenerateRequest\x1a\x1e.loramerge.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.loramerge.v1.GenerateRequest\x1a$.loramerge.v1.GenerateStreamResponse0\x01\x12L\n\x0bLoadAdapter\x12\x18.loramerge.v1.MergeChunk\x1a!.loramerge.v1.LoadAdapterResponse(\x01\x12U\n\x0cListAdapters\x12!.loramerge.v1.ListAdaptersRequest\x1a\".loramerge.v1.ListAdaptersResponse\x12X\n\rUnloadAdapter\x12\".loramerge.v1.UnloadAdapterRequest\x1a#.loramerge.v1.UnloadAdapterResponse\x12R\n\x0bListRecipes\x12 .loramerge.v1.ListRecipesRequest\x1a!.loramerge.v1.ListRecipesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloramerge/v1/inference.proto\x12\x0cloramerge.v1\x1a\x18loramerge/v1/merge.proto\"\xfa\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1a\n\x12repetition_penalty\x18\x07 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x02\x12\x12\n\nmin_tokens\x18\n \x01(\r\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x42\x07\n\x05_seed\"\xba\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12.\n\x08sampling\x18\x02 \x01(\x0b\x32\x1c.loramerge.v1.SamplingParams\x12\x12\n\nadapter_id\x18\x03 \x01(\t\x12\x33\n\x0e\x61\x64\x61pter_source\x18\x04 \x01(\x0e\x32\x1b.loramerge.v1.AdapterSource\x12\x18\n\x10\x61\x64\x61pter_revision\x18\x05 \x01(\t\x12\x1b\n\x0e\x61\x64\x61pter_weight\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12\x30\n\x0fmerged_adapters\x18\x07 \x01(\x0b\x32\x17.loramerge.v1.MergeSpec\x12\x11\n\tmerge_key\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12+\n\x08messages\x18\n \x03(\x0b\x32\x19.loramerge.v1.ChatMessage\x12\x0e\n\x06recipe\x18\x0b \x01(\t\x12\x10\n\x08logprobs\x18\x0c \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\r \x01(\r\x12\x16\n\x0emerge_progress\x18( \x01(\x08\x42\x11\n\x0f_adapter_weight\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"o\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12.\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x18.loramerge.v1.TopLogprob\"\xa6\x01\n\x0c\x41\x64\x61pterUsage\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tmerge_key\x18\x02 \x01(\t\x12\x16\n\x0e\x61lready_loaded\x18\x03 \x01(\x08\x12\x17\n\x0fmerge_cache_hit\x18\x04 \x01(\x08\x12\x10\n\x08merge_ms\x18\x05 \x01(\x01\x12\x13\n\x0btransfer_ms\x18\x06 \x01(\x01\x12\x0f\n\x07load_ms\x18\x07 \x01(\x01\x12\x0c\n\x04rank\x18\x08 \x01(\r\"\x87\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x31\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1a.loramerge.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12+\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x1a.loramerge.v1.AdapterUsage\x12\x11\n\ttoken_ids\x18\x06 \x03(\r\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12,\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1a.loramerge.v1.TokenLogprob\"\xc2\x02\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.loramerge.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12+\n\x07\x61\x64\x61pter\x18\x06 \x01(\x0b\x32\x1a.loramerge.v1.AdapterUsage\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12,\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1a.loramerge.v1.TokenLogprob\x12\x33\n\x0emerge_progress\x18( \x01(\x0b\x32\x1b.loramerge.v1.MergeProgress\"_\n\x13LoadAdapterResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tmerge_key\x18\x02 \x01(\t\x12\x16\n\x0e\x61lready_loaded\x18\x03 \x01(\x08\x12\x0f\n\x07load_ms\x18\x04 \x01(\x01\"\x15\n\x13ListAdaptersRequest\"\xc6\x01\n\rLoadedAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tmerge_key\x18\x02 \x01(\t\x12\x13\n\x0blora_int_id\x18\x03 \x01(\r\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\r\n\x05\x62ytes\x18\x05 \x01(\x04\x12\x12\n\nbase_model\x18\x06 \x01(\t\x12\x11\n\tloaded_at\x18\x07 \x01(\x01\x12\x14\n\x0clast_used_at\x18\x08 \x01(\x01\x12\x10\n\x08requests\x18\t \x01(\x04\x12\x13\n\x0b\x64\x65scription\x18\n \x01(\t\"\x84\x01\n\x14ListAdaptersResponse\x12-\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1b.loramerge.v1.LoadedAdapter\x12\x12\n\nmax_loaded\x18\x02 \x01(\r\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12\x15\n\rmax_lora_rank\x18\x04 \x01(\r\"7\n\x14UnloadAdapterRequest\x12\x11\n\tmerge_key\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\")\n\x15UnloadAdapterResponse\x12\x10\n\x08unloaded\x18\x01 \x01(\x08\"\x14\n\x12ListRecipesRequest\"R\n\x06Recipe\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04spec\x18\x02 \x01(\x0b\x32\x17.loramerge.v1.MergeSpec\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"<\n\x13ListRecipesResponse\x12%\n\x07recipes\x18\x01 \x03(\x0b\x32\x14.loramerge.v1.Recipe*N\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x08\n\x04STOP\x10\x01\x12\n\n\x06LENGTH\x10\x02\x12\t\n\x05\x41\x42ORT\x10\x03\x32\x89\x04\n\x10InferenceService\x12I\n\x08Generate\x12\x1d.loramerge.v1.GenerateRequest\x1a\x1e.loramerge.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.loramerge.v1.GenerateRequest\x1a$.loramerge.v1.GenerateStreamResponse0\x01\x12L\n\x0bLoadAdapter\x12\x18.loramerge.v1.MergeChunk\x1a!.loramerge.v1.LoadAdapterResponse(\x01\x12U\n\x0cListAdapters\x12!.loramerge.v1.ListAdaptersRequest\x1a\".loramerge.v1.ListAdaptersResponse\x12X\n\rUnloadAdapter\x12\".loramerge.v1.UnloadAdapterRequest\x1a#.loramerge.v1.UnloadAdapterResponse\x12R\n\x0bListRecipes\x12 .loramerge.v1.ListRecipesRequest\x1a!.loramerge.v1.ListRecipesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loramerge.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2399
-  _globals['_FINISHREASON']._serialized_end=2477
+  _globals['_FINISHREASON']._serialized_start=2476
+  _globals['_FINISHREASON']._serialized_end=2554
   _globals['_SAMPLINGPARAMS']._serialized_start=73
   _globals['_SAMPLINGPARAMS']._serialized_end=323
   _globals['_GENERATEREQUEST']._serialized_start=326
-  _globals['_GENERATEREQUEST']._serialized_end=744
-  _globals['_CHATMESSAGE']._serialized_start=746
-  _globals['_CHATMESSAGE']._serialized_end=790
-  _globals['_TOPLOGPROB']._serialized_start=792
-  _globals['_TOPLOGPROB']._serialized_end=853
-  _globals['_TOKENLOGPROB']._serialized_start=855
-  _globals['_TOKENLOGPROB']._serialized_end=966
-  _globals['_ADAPTERUSAGE']._serialized_start=969
-  _globals['_ADAPTERUSAGE']._serialized_end=1135
-  _globals['_GENERATERESPONSE']._serialized_start=1138
-  _globals['_GENERATERESPONSE']._serialized_end=1401
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1404
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1673
-  _globals['_LOADADAPTERRESPONSE']._serialized_start=1675
-  _globals['_LOADADAPTERRESPONSE']._serialized_end=1770
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1772
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1793
-  _globals['_LOADEDADAPTER']._serialized_start=1796
-  _globals['_LOADEDADAPTER']._serialized_end=1994
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1997
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=2129
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=2131
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=2186
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=2188
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=2229
-  _globals['_LISTRECIPESREQUEST']._serialized_start=2231
-  _globals['_LISTRECIPESREQUEST']._serialized_end=2251
-  _globals['_RECIPE']._serialized_start=2253
-  _globals['_RECIPE']._serialized_end=2335
-  _globals['_LISTRECIPESRESPONSE']._serialized_start=2337
-  _globals['_LISTRECIPESRESPONSE']._serialized_end=2397
-  _globals['_INFERENCESERVICE']._serialized_start=2480
-  _globals['_INFERENCESERVICE']._serialized_end=3001
+  _globals['_GENERATEREQUEST']._serialized_end=768
+  _globals['_CHATMESSAGE']._serialized_start=770
+  _globals['_CHATMESSAGE']._serialized_end=814
+  _globals['_TOPLOGPROB']._serialized_start=816
+  _globals['_TOPLOGPROB']._serialized_end=877
+  _globals['_TOKENLOGPROB']._serialized_start=879
+  _globals['_TOKENLOGPROB']._serialized_end=990
+  _globals['_ADAPTERUSAGE']._serialized_start=993
+  _globals['_ADAPTERUSAGE']._serialized_end=1159
+  _globals['_GENERATERESPONSE']._serialized_start=1162
+  _globals['_GENERATERESPONSE']._serialized_end=1425
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1428
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1750
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=1752
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=1847
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1849
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1870
+  _globals['_LOADEDADAPTER']._serialized_start=1873
+  _globals['_LOADEDADAPTER']._serialized_end=2071
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=2074
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=2206
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=2208
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=2263
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=2265
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=2306
+  _globals['_LISTRECIPESREQUEST']._serialized_start=2308
+  _globals['_LISTRECIPESREQUEST']._serialized_end=2328
+  _globals['_RECIPE']._serialized_start=2330
+  _globals['_RECIPE']._serialized_end=2412
+  _globals['_LISTRECIPESRESPONSE']._serialized_start=2414
+  _globals['_LISTRECIPESRESPONSE']._serialized_end=2474
+  _globals['_INFERENCESERVICE']._serialized_start=2557
+  _globals['_INFERENCESERVICE']._serialized_end=3078
 # @@protoc_insertion_point(module_scope)

@@ -46,7 +46,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., min_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "sampling", "adapter_id", "adapter_source", "adapter_revision", "adapter_weight", "merged_adapters", "merge_key", "request_id", "messages", "recipe", "logprobs", "top_logprobs")
+    __slots__ = ("prompt", "sampling", "adapter_id", "adapter_source", "adapter_revision", "adapter_weight", "merged_adapters", "merge_key", "request_id", "messages", "recipe", "logprobs", "top_logprobs", "merge_progress")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,7 @@ class GenerateRequest(_message.Message):
     RECIPE_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    MERGE_PROGRESS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     sampling: SamplingParams
     adapter_id: str
@@ -73,7 +74,8 @@ class GenerateRequest(_message.Message):
     recipe: str
     logprobs: bool
     top_logprobs: int
-    def __init__(self, prompt: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., adapter_id: _Optional[str] = ..., adapter_source: _Optional[_Union[_merge_pb2.AdapterSource, str]] = ..., adapter_revision: _Optional[str] = ..., adapter_weight: _Optional[float] = ..., merged_adapters: _Optional[_Union[_merge_pb2.MergeSpec, _Mapping]] = ..., merge_key: _Optional[str] = ..., request_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., recipe: _Optional[str] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
+    merge_progress: bool
+    def __init__(self, prompt: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., adapter_id: _Optional[str] = ..., adapter_source: _Optional[_Union[_merge_pb2.AdapterSource, str]] = ..., adapter_revision: _Optional[str] = ..., adapter_weight: _Optional[float] = ..., merged_adapters: _Optional[_Union[_merge_pb2.MergeSpec, _Mapping]] = ..., merge_key: _Optional[str] = ..., request_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., recipe: _Optional[str] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., merge_progress: _Optional[bool] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -146,7 +148,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., adapter: _Optional[_Union[AdapterUsage, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., request_id: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
-    __slots__ = ("text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens", "adapter", "request_id", "logprobs")
+    __slots__ = ("text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens", "adapter", "request_id", "logprobs", "merge_progress")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +157,7 @@ class GenerateStreamResponse(_message.Message):
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    MERGE_PROGRESS_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: FinishReason
@@ -163,7 +166,8 @@ class GenerateStreamResponse(_message.Message):
     adapter: AdapterUsage
     request_id: str
     logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., adapter: _Optional[_Union[AdapterUsage, _Mapping]] = ..., request_id: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
+    merge_progress: _merge_pb2.MergeProgress
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., adapter: _Optional[_Union[AdapterUsage, _Mapping]] = ..., request_id: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., merge_progress: _Optional[_Union[_merge_pb2.MergeProgress, _Mapping]] = ...) -> None: ...
 
 class LoadAdapterResponse(_message.Message):
     __slots__ = ("name", "merge_key", "already_loaded", "load_ms")

@@ -180,16 +180,9 @@ class Engine:
         except ValueError as e:
             raise InvalidArgument(shown(str(e), 300, quote=False), field="prompt") from e
 
-    async def abort(self, request_id: str) -> None:
-        await self._llm.abort(request_id)
-
     @property
     def healthy(self) -> bool:
         return not self._llm.errored
-
-    async def check_health(self) -> None:
-        self._raise_if_dead()
-        await self._llm.check_health()
 
     def _raise_if_dead(self) -> None:
         if self._llm.errored:

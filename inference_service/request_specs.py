@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
 
 from loramerge.errors import InvalidArgument, shown
 from loramerge.v1 import merge_pb2
@@ -48,9 +47,6 @@ def merged_spec_field(field: str) -> str:
     if field == "spec" or field.startswith("spec."):
         return "merged_adapters" + field[len("spec") :]
     return field or "merged_adapters"
-
-
-FieldNamer = Callable[[str], str]
 
 
 def normalize_spec(spec: merge_pb2.MergeSpec, engine_max_rank: int) -> merge_pb2.MergeSpec:
