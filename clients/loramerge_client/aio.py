@@ -184,15 +184,22 @@ class AsyncInferenceClient(_AsyncClient):
         merge_key: str = "",
         request_id: str = "",
         timeout: float | None = None,
+        on_progress: ProgressCallback | None = None,
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
-        """Text deltas; retried on UNAVAILABLE only before the first message."""
+        """Text deltas; retried on UNAVAILABLE only before the first message.
+        With ``on_progress``, a merge the service builds for this request reports its progress there
+        before the first token (GenerateRequest.merge_progress); progress messages are not yielded."""
         req = generate_request(prompt, adapter, sampling, merge_key=merge_key, request_id=request_id)
+        req.merge_progress = on_progress is not None
         retrier = self._retrier(timeout)
         while True:
             call = self.stub.GenerateStream(req, timeout=retrier.timeout(), metadata=self.metadata)
             received = False
             try:
                 async for msg in call:
+                    if on_progress is not None and msg.HasField("merge_progress"):
+                        on_progress(msg.merge_progress)
+                        continue
                     received = True
                     yield msg
                 return

@@ -210,16 +210,23 @@ class InferenceClient(_Client):
         merge_key: str = "",
         request_id: str = "",
         timeout: float | None = None,
+        on_progress: ProgressCallback | None = None,
     ) -> Iterator[inference_pb2.GenerateStreamResponse]:
         """Text deltas as tokens are produced. Retried on UNAVAILABLE only before the first message
-        (a retry after that would repeat text); closing the iterator cancels the call."""
+        (a retry after that would repeat text); closing the iterator cancels the call.
+        With ``on_progress``, a merge the service builds for this request reports its progress there
+        before the first token (GenerateRequest.merge_progress); progress messages are not yielded."""
         req = generate_request(prompt, adapter, sampling, merge_key=merge_key, request_id=request_id)
+        req.merge_progress = on_progress is not None
         retrier = self._retrier(timeout)
         while True:
             call = self.stub.GenerateStream(req, timeout=retrier.timeout(), metadata=self.metadata)
             received = False
             try:
                 for msg in call:
+                    if on_progress is not None and msg.HasField("merge_progress"):
+                        on_progress(msg.merge_progress)
+                        continue
                     received = True
                     yield msg
                 return

@@ -79,6 +79,18 @@ def test_generate_stream_load_and_unload(
     assert inference.unload_adapter(pushed.merge_key)
 
 
+def test_generate_stream_reports_merge_progress_to_the_callback(inference: InferenceClient) -> None:
+    """A merge nobody asked for yet: on_progress hears the merge service's progress before the first
+    token, the iterator yields only text messages, the same tokens as unary."""
+    fresh = MergedAdapters(ids=["b", "e"], weights=[0.35, 0.65], merge_strategy="dare_ties", density=0.6)
+    heard = []
+    streamed = list(inference.generate_stream(PROMPT, fresh, GREEDY, on_progress=heard.append))
+    assert heard and all(0 <= p.done <= p.total for p in heard)
+    assert not any(m.HasField("merge_progress") for m in streamed) and not streamed[0].adapter.already_loaded
+    unary = inference.generate(PROMPT, fresh, GREEDY)
+    assert [t for m in streamed for t in m.token_ids] == list(unary.token_ids)
+
+
 def test_errors_from_the_inference_service(inference: InferenceClient) -> None:
     with pytest.raises(E.NotFound):
         inference.generate(PROMPT, Adapter("no-such-adapter", source="local"), GREEDY)
