@@ -8,7 +8,6 @@ Prometheus registry and drain: once health is NOT_SERVING every new call gets 50
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import socket
 import time
@@ -22,6 +21,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from inference_service.dataplane import DataPlane
 from inference_service.http_errors import HttpError, lorax_error, openai_error
+from inference_service.lorax_api import lorax_router
+from inference_service.openai_api import openai_router
 from loramerge.errors import LoramergeError
 from loramerge_common.auth import Denial, TokenAuth
 
@@ -66,23 +67,6 @@ def api_error(path: str, status: int, message: str, param: str | None = None) ->
     return openai_error(status, message, param) if is_openai(path) else lorax_error(status, message)
 
 
-async def read_json(request: Request, limit: int) -> object:
-    """The request body as JSON, refusing bodies above ``limit`` bytes before reading them whole."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HttpError(413, f"request body of {declared} bytes is above the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HttpError(413, f"request body is above the limit of {limit} bytes")
-        chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks) or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HttpError(400, f"request body is not valid JSON: {e}") from None
-
-
 class HttpFrontEnd:
     """FastAPI app + uvicorn server; ``serving`` says whether health is SERVING (else drain)."""
 
@@ -93,9 +77,6 @@ class HttpFrontEnd:
         serving: Callable[[], bool],
         registry: CollectorRegistry | None = None,
     ) -> None:
-        from inference_service.lorax_api import lorax_router
-        from inference_service.openai_api import openai_router
-
         self.plane = plane
         self.options = options
         self.serving = serving
@@ -108,8 +89,8 @@ class HttpFrontEnd:
         app.add_api_route("/live", self._live, methods=["GET"])
         app.add_api_route("/health", self._ready, methods=["GET"])
         app.add_api_route("/ready", self._ready, methods=["GET"])
-        app.include_router(openai_router(self))
-        app.include_router(lorax_router(self))
+        app.include_router(openai_router(plane, options.max_body_bytes))
+        app.include_router(lorax_router(plane, options.max_body_bytes))
         app.add_exception_handler(HttpError, self._http_error)
         app.add_exception_handler(LoramergeError, self._domain_error)
         self.app = app

@@ -15,11 +15,11 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from inference_service.dataplane import Step
+from inference_service.dataplane import DataPlane, Step
+from inference_service.http_body import read_json
 from inference_service.http_errors import HttpError, http_status, lorax_body
-from inference_service.http_server import HttpFrontEnd, read_json
 from inference_service.http_specs import merge_spec_from_json
-from inference_service.openai_api import _chain, first_step, progress_event
+from inference_service.http_streams import chain, first_step, progress_event
 from loramerge.errors import LoramergeError, shown
 from loramerge.v1 import inference_pb2, merge_pb2
 
@@ -135,12 +135,12 @@ def finish_reason(step: Step) -> str:
     return _FINISH.get(step.finish_reason or "length", "length")
 
 
-def lorax_router(front: HttpFrontEnd) -> APIRouter:
+def lorax_router(plane: DataPlane, max_body_bytes: int) -> APIRouter:
     router = APIRouter()
-    limit = front.options.max_body_bytes
+    limit = max_body_bytes
 
     def special() -> frozenset[int]:
-        return front.plane.chat.special_ids if front.plane.chat else frozenset()
+        return plane.chat.special_ids if plane.chat else frozenset()
 
     def tokens(step: Step, specials: frozenset[int]) -> list[dict]:
         return [
@@ -166,7 +166,7 @@ def lorax_router(front: HttpFrontEnd) -> APIRouter:
 
     async def start(req: inference_pb2.GenerateRequest, stream: bool = False):
         try:
-            return await first_step(front, req, merge_progress=stream)
+            return await first_step(plane, req, merge_progress=stream)
         except LoramergeError as e:
             raise HttpError(http_status(e), e.message, lorax_field(e.field)) from e
 
@@ -174,14 +174,14 @@ def lorax_router(front: HttpFrontEnd) -> APIRouter:
         steps, first = await start(req)
         specials = special()
         texts, toks, last = [], [], first
-        async for step in _chain(first, steps):
+        async for step in chain(first, steps):
             texts.append(step.text)
             toks.extend(tokens(step, specials))
             last = step
         text = "".join(texts)
         out: dict = {"generated_text": body.inputs + text if body.parameters.return_full_text else text}
         if body.parameters.details:
-            chat = front.plane.chat
+            chat = plane.chat
             prefill = []
             if body.parameters.decoder_input_details:
                 prefill = [
@@ -211,7 +211,7 @@ def lorax_router(front: HttpFrontEnd) -> APIRouter:
             texts: list[str] = []
             first_token: Step | None = None
             try:
-                async for step in _chain(first, steps):
+                async for step in chain(first, steps):
                     if step.merge_progress is not None:
                         yield progress_event(step.merge_progress)
                         continue

@@ -18,12 +18,13 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from inference_service.dataplane import Step, TokenLogprob
+from inference_service.dataplane import DataPlane, Step, TokenLogprob
+from inference_service.http_body import read_json
 from inference_service.http_errors import HttpError, http_status, openai_body
-from inference_service.http_server import HttpFrontEnd, read_json
 from inference_service.http_specs import merge_spec_from_json
+from inference_service.http_streams import chain, first_step, progress_event
 from loramerge.errors import LoramergeError, shown
-from loramerge.v1 import inference_pb2, merge_pb2
+from loramerge.v1 import inference_pb2
 
 _ADAPTER_FIELDS = {
     "adapter_id",
@@ -71,10 +72,10 @@ def parse_body(model_class, raw: object):
 
 
 def choose_adapter(
-    front: HttpFrontEnd, req: inference_pb2.GenerateRequest, model: str | None, extra: dict
+    plane: DataPlane, req: inference_pb2.GenerateRequest, model: str | None, extra: dict
 ) -> str:
     """Fill the request's adapter choice from ``model`` and ``merged_adapters``; the model name echoed."""
-    _, engine = front.plane.ready()
+    _, engine = plane.ready()
     base = engine.info.model_name
     merged = extra.get("merged_adapters")
     if merged is not None:
@@ -89,10 +90,10 @@ def choose_adapter(
         return model or base
     if not model or model == base:
         return base
-    if model in front.plane.recipes:
+    if model in plane.recipes:
         req.recipe = model
         return model
-    registry, _ = front.plane.ready()
+    registry, _ = plane.ready()
     loaded = registry.get(name=model)
     if loaded is not None:
         req.merge_key = loaded.merge_key
@@ -173,24 +174,9 @@ def chat_logprobs(logprobs: list[TokenLogprob]):
     )
 
 
-async def first_step(
-    front: HttpFrontEnd, req: inference_pb2.GenerateRequest, *, merge_progress: bool = False
-) -> tuple[AsyncIterator[Step], Step]:
-    """Start generating and wait for the first step, so every fault before it is a plain HTTP error.
-
-    ``merge_progress`` (streams): the first step may be the merge service's progress while the
-    adapter is merged (``progress_event``); a fault after that comes in the stream."""
-    steps = front.plane.generate(req, merge_progress=merge_progress)
-    try:
-        return steps, await anext(steps)
-    except BaseException:
-        await steps.aclose()
-        raise
-
-
-def openai_router(front: HttpFrontEnd) -> APIRouter:
+def openai_router(plane: DataPlane, max_body_bytes: int) -> APIRouter:
     router = APIRouter()
-    limit = front.options.max_body_bytes
+    limit = max_body_bytes
 
     def domain(e: LoramergeError, chat: bool) -> HttpError:
         return HttpError(http_status(e), e.message, openai_param(e.field, chat))
@@ -199,7 +185,7 @@ def openai_router(front: HttpFrontEnd) -> APIRouter:
     async def models() -> Response:
         from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelList
 
-        registry, engine = front.plane.ready()
+        registry, engine = plane.ready()
         base = engine.info.model_name
         cards = [
             ModelCard(
@@ -207,8 +193,7 @@ def openai_router(front: HttpFrontEnd) -> APIRouter:
             )
         ]
         cards += [
-            ModelCard(id=r.name, root=base, parent=base, owned_by="loramerge-recipe")
-            for r in front.plane.recipes
+            ModelCard(id=r.name, root=base, parent=base, owned_by="loramerge-recipe") for r in plane.recipes
         ]
         cards += [
             ModelCard(id=e.name, root=base, parent=base, owned_by="loramerge-adapter")
@@ -240,13 +225,13 @@ def openai_router(front: HttpFrontEnd) -> APIRouter:
         if body.suffix:
             raise HttpError(400, "suffix is not supported", "suffix")
         req = inference_pb2.GenerateRequest(prompt=prompt, request_id=uuid.uuid4().hex)
-        model = choose_adapter(front, req, body.model, body.model_extra or {})
+        model = choose_adapter(plane, req, body.model, body.model_extra or {})
         fill_sampling(req, body, body.max_tokens)
         if body.logprobs is not None:
             req.logprobs = True
             req.top_logprobs = body.logprobs
         try:
-            steps, first = await first_step(front, req, merge_progress=bool(body.stream))
+            steps, first = await first_step(plane, req, merge_progress=bool(body.stream))
         except LoramergeError as e:
             raise domain(e, chat=False) from e
         rid, created = f"cmpl-{req.request_id}", int(time.time())
@@ -269,7 +254,7 @@ def openai_router(front: HttpFrontEnd) -> APIRouter:
         async def events() -> AsyncIterator[str | ServerSentEvent]:
             offset, last = 0, first
             try:
-                async for step in _chain(first, steps):
+                async for step in chain(first, steps):
                     if step.merge_progress is not None:
                         yield progress_event(step.merge_progress)
                         continue
@@ -313,7 +298,7 @@ def openai_router(front: HttpFrontEnd) -> APIRouter:
         req = inference_pb2.GenerateRequest(request_id=uuid.uuid4().hex)
         for i, message in enumerate(body.messages):
             req.messages.add(role=str(message.get("role") or ""), content=message_text(message, i))
-        model = choose_adapter(front, req, body.model, body.model_extra or {})
+        model = choose_adapter(plane, req, body.model, body.model_extra or {})
         fill_sampling(req, body, body.max_completion_tokens or body.max_tokens)
         if body.logprobs:
             req.logprobs = True
@@ -321,7 +306,7 @@ def openai_router(front: HttpFrontEnd) -> APIRouter:
         elif body.top_logprobs:
             raise HttpError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         try:
-            steps, first = await first_step(front, req, merge_progress=bool(body.stream))
+            steps, first = await first_step(plane, req, merge_progress=bool(body.stream))
         except LoramergeError as e:
             raise domain(e, chat=True) from e
         rid, created = f"chatcmpl-{req.request_id}", int(time.time())
@@ -356,7 +341,7 @@ def openai_router(front: HttpFrontEnd) -> APIRouter:
             last = first
             yield chunk(DeltaMessage(role="assistant", content=""))
             try:
-                async for step in _chain(first, steps):
+                async for step in chain(first, steps):
                     if step.merge_progress is not None:
                         yield progress_event(step.merge_progress)
                         continue
@@ -396,20 +381,8 @@ def message_text(message, index: int) -> str:
 async def collect(first: Step, rest: AsyncIterator[Step]) -> tuple[str, list[TokenLogprob], Step]:
     """A whole generation: its text, its token logprobs and its last step."""
     texts, logprobs, last = [], [], first
-    async for step in _chain(first, rest):
+    async for step in chain(first, rest):
         texts.append(step.text)
         logprobs.extend(step.logprobs)
         last = step
     return "".join(texts), logprobs, last
-
-
-def progress_event(progress: merge_pb2.MergeProgress) -> ServerSentEvent:
-    """Merge progress as an SSE comment line (``: merge progress: merge 12/224``): every SSE parser
-    (the openai SDK, lorax-client, browsers' EventSource) skips comments, so streams stay valid."""
-    return ServerSentEvent(comment=f"merge progress: {progress.stage} {progress.done}/{progress.total}")
-
-
-async def _chain(first: Step, rest: AsyncIterator[Step]) -> AsyncIterator[Step]:
-    yield first
-    async for step in rest:
-        yield step
