@@ -407,6 +407,7 @@ def tune_argv(suite_path: Path, addr: str, plan: Plan, out: Path) -> list[str]:
         "--seed", str(plan.seed), "--concurrency", "16", "--timeout", "600", "--inference-addr", addr,
         "--study", str(out / "tune" / "study.db"), "--recipe", str(out / "recipes.yaml"),
         "--recipe-name", "-".join(MERGEABLE_PAIR), "--out", str(out / "tune"),
+        "--reuse", str(out / "report.json"),  # the grid's merges are not evaluated twice
     ]  # fmt: skip
     if plan.limit:
         argv += ["--limit", str(plan.limit)]

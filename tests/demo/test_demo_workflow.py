@@ -81,9 +81,6 @@ def test_report_files_and_chart(demo_run, chart_check) -> None:
         assert step in output
 
 
-@pytest.mark.xfail(
-    reason="on the small demo tune reached 0.80 against the grid's 0.85 (see test_tune_live.py)"
-)
 def test_tune_reaches_the_grids_best(demo_run) -> None:
     result, _ = demo_run
     grid_best = json.loads(result.paths["json"].read_text())["recommendation"]["goal_value"]

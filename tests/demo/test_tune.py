@@ -15,7 +15,7 @@ import yaml
 from loramerge.errors import InvalidArgument
 from loramerge_client.cli import main as cli_main
 from loramerge_client.eval import Row, parse_goal, parse_suite
-from loramerge_client.tune import SearchSpace, spec_dict, tune, write_recipe
+from loramerge_client.tune import SearchSpace, load_scored, reusing, spec_dict, tune, write_recipe
 
 SUITE = {
     "name": "toy",
@@ -180,3 +180,38 @@ def test_cli_bad_input_one_line_exit_2(tmp_path: Path, capsys, suite, extra, wor
     assert cli_main(argv) == 2
     err = capsys.readouterr().err
     assert words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_after_the_design_tpe_searches_a_trust_region_around_its_best() -> None:
+    """Trials after the design stay within half the probe of the design's best weights, in its space,
+    and no configuration is evaluated twice."""
+    result, _ = run_tune(trials=20, seed=7)
+    best = max(result.trials[:9], key=lambda t: t.value).config.params
+    for t in result.trials[9:]:
+        p = t.config.params
+        assert p["space"] == best["space"]
+        assert all(abs(w - c) <= 0.1 + 1e-9 for w, c in zip(p["weights"], best["weights"], strict=True)), p
+    names = [t.config.name for t in result.trials]
+    assert len(names) == len(set(names)) == 20
+    assert [t.number for t in result.trials] == list(range(20))
+
+
+def test_reuse_scores_of_an_eval_report(tmp_path: Path) -> None:
+    suite = parse_suite(SUITE)
+    first, _ = run_tune(trials=12, seed=7)
+    rows = [
+        {"kind": "merged", "params": t.config.params, "scores": t.scores, "error": None}
+        for t in first.trials[:5]
+    ]
+    report = {"suite": "toy", "tasks": [{"name": "facts", "n": 1}, {"name": "upper", "n": 1}], "rows": rows}
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    scored = load_scored(path, suite)
+    hits: list[str] = []
+    obj = FakeObjective()
+    again, _ = run_tune(trials=12, seed=7, objective=reusing(obj, scored, hits))
+    assert history(again) == history(first)
+    assert len(hits) == 5 and sum(obj.batches) == 7
+    path.write_text(json.dumps({**report, "tasks": [{"name": "facts", "n": 20}, {"name": "upper", "n": 1}]}))
+    with pytest.raises(InvalidArgument, match="another suite or another --limit"):
+        load_scored(path, suite)

@@ -25,13 +25,6 @@ def stack(demo_small: DemoAssets, tmp_path_factory: pytest.TempPathFactory):
         yield demo_small, services
 
 
-XFAIL_GRID = (
-    "measured 2026-12-02: on the small demo tune's best in 20 trials was 0.80 (facts 1.2 + upper 1, "
-    "linear or magnitude_prune d=0.8) against the grid's 0.85 (magnitude_prune d=0.7); TPE's trials "
-    "after the start design did not find the better density"
-)
-
-
 @pytest.fixture(scope="module")
 def tuned(stack, tmp_path_factory: pytest.TempPathFactory):
     """The demo's small grid and a 20-trial tune (seed 7), then a 6-trial tune with the same seed."""
@@ -74,7 +67,6 @@ def tuned(stack, tmp_path_factory: pytest.TempPathFactory):
     return tmp_path, grid_best, top, len(configs), first, again
 
 
-@pytest.mark.xfail(reason=XFAIL_GRID, strict=False)
 def test_tune_reaches_the_grids_best(tuned) -> None:
     _, grid_best, top, n_configs, first, _ = tuned
     trials = [(t["name"], t["scores"]) for t in first["trials"]]

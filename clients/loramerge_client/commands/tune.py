@@ -16,7 +16,15 @@ from loramerge_client.commands.installed import require_extra
 from loramerge_client.commands.output import EXIT_OK, EXIT_OTHER, add_json_option, command
 from loramerge_client.eval import load_suite, merged_config, parse_goal
 from loramerge_client.progress import ProgressBar
-from loramerge_client.tune import SearchSpace, TrialRecord, live_objective, tune, write_recipe
+from loramerge_client.tune import (
+    SearchSpace,
+    TrialRecord,
+    live_objective,
+    load_scored,
+    reusing,
+    tune,
+    write_recipe,
+)
 from loramerge_client.types import enum_choices
 
 EXAMPLE = """example:
@@ -67,6 +75,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--study-name", default="", help="study name inside the storage [from suite, adapters, goal]"
     )
     r.add_argument("--limit", type=int, default=0, help="use the first N prompts of each task [all]")
+    r.add_argument(
+        "--reuse", metavar="REPORT",
+        help="a loramerge eval report.json on the same suite: its merges count as trials unevaluated",
+    )  # fmt: skip
     r.add_argument("--concurrency", type=int, default=8, help="requests in flight [%(default)s]")
     o = p.add_argument_group("output")
     o.add_argument(
@@ -119,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
         probe=args.probe,
     )
     goal = parse_goal(args.goal, suite, [merged_config(space.adapters, [1.0] * len(space.adapters))])
+    scored = load_scored(args.reuse, suite) if args.reuse else {}
+    reused: list[str] = []
     bar = ProgressBar(enabled=False if args.quiet else None)
 
     def on_trial(rec: TrialRecord, done: int, total: int) -> None:
@@ -140,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
                 suite,
                 goal,
                 space,
-                live_objective(client, suite, concurrency=args.concurrency),
+                reusing(live_objective(client, suite, concurrency=args.concurrency), scored, reused),
                 trials=args.trials,
                 seed=args.seed,
                 parallel=args.parallel,
@@ -165,6 +179,8 @@ def run(args: argparse.Namespace) -> int:
         written.append(write_recipe(args.recipe, result.recipe(name)))
     if args.out:
         written += list(result.write(args.out, chart=not args.no_chart).values())
+    if args.reuse and not args.quiet:
+        print(f"{len(reused)} of {len(result.trials)} trials scored from {args.reuse}", file=sys.stderr)
     if written and not args.quiet:
         print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     return EXIT_OK if result.best is not None else EXIT_OTHER
