@@ -45,22 +45,37 @@ class Sink(Protocol):
 
 
 class MemorySink:
-    """Copies each payload once, onto the end of one growing buffer (``data``): the received messages
-    are freed as soon as they are written, and growing a large buffer remaps pages, it does not copy."""
+    """One buffer of the header's size, each payload copied once into place (``data``); the received
+    messages are freed as soon as they are written. A header announcing more than ``preallocate_limit``
+    bytes gets a buffer that grows as data arrives instead, so a wrong size cannot reserve memory."""
 
-    def __init__(self) -> None:
+    def __init__(self, preallocate_limit: int = 8 << 30) -> None:
+        self.preallocate_limit = preallocate_limit
         self.data = bytearray()
+        self._view: memoryview | None = None
+        self._end = 0
 
     def open(self, header: merge_pb2.MergeHeader) -> None:
-        pass
+        if header.total_bytes <= self.preallocate_limit:
+            self.data = bytearray(header.total_bytes)
+            self._view = memoryview(self.data)
 
     def write(self, data: memoryview | bytes) -> None:
-        self.data += data
+        n = len(data)
+        if self._view is not None:
+            self._view[self._end : self._end + n] = data
+        else:
+            self.data += data
+        self._end += n
 
     def close(self) -> None:
-        pass
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        del self.data[self._end :]  # a stream cut short: keep what arrived (the size check fails)
 
     def discard(self) -> None:
+        self.close()
         self.data = bytearray()
 
 
