@@ -40,6 +40,7 @@ class HttpOptions:
     tls_key: str | None = None
     tls_client_ca: str | None = None
     grace_seconds: float = 10.0
+    reuse_port: bool = False  # SO_REUSEPORT, like the gRPC port (settings.reuse_port)
 
 
 class HttpMetrics:
@@ -110,6 +111,10 @@ class HttpFrontEnd:
             response = api_error(
                 path, 503, "the inference service is not serving (starting or draining); retry"
             )
+            # Close the connection: a client's retry on a kept-alive one would reach this process
+            # again; a new connection can reach a replica that serves (or the replacement sharing
+            # the port). Clients retry 503 with Retry-After (the OpenAI SDK does, twice, by default).
+            response.headers["Connection"] = "close"
         elif denial := self._denied(request):
             response = api_error(
                 path, denial.http_status, f"{denial.message} (header 'Authorization: Bearer …')"
@@ -147,6 +152,8 @@ class HttpFrontEnd:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.options.reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, int(port)))
         sock.listen(512)
         sock.setblocking(False)

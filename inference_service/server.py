@@ -2,7 +2,9 @@
 
 The gRPC port answers while vLLM starts (health says NOT_SERVING and calls get UNAVAILABLE), so
 probes and clients see a live process rather than a refused connection. Once the engine is up,
-health turns SERVING. If the engine dies, a watchdog turns health NOT_SERVING; then (by default)
+health turns SERVING. (With ``reuse_port``, for a rolling restart on one host, the gRPC and HTTP
+ports are shared with the process being replaced and bound only once the engine is up.)
+If the engine dies, a watchdog turns health NOT_SERVING; then (by default)
 calls in flight fail with UNAVAILABLE, the server stops and ``serve`` raises ``EngineDied`` so that
 the process exits non-zero and is restarted: a dead engine never comes back by itself. On SIGTERM
 the server drains, then the engine shuts down and the adapter folder is removed.
@@ -125,10 +127,14 @@ async def serve(
     merge_client: MergeClient | None = None
     watchdog: asyncio.Future | None = None
     engine_died = False
+    # A shared port (reuse_port) is joined only once the engine is up: the kernel spreads new
+    # connections over every process listening on it, and one still starting could only refuse them.
+    listen_early = not settings.reuse_port
+    listening = False
     try:
-        await server.start()
-        if http is not None:
-            await http.start()
+        if listen_early:
+            listening = True  # (set first: a failed start is still stopped, as before)
+            await _listen(server, http)
         engine_task = asyncio.ensure_future(Engine.start(settings, work_dir))
         stop_task = asyncio.ensure_future(stop_event.wait())
         await asyncio.wait({engine_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -158,6 +164,9 @@ async def serve(
         )
         chat = ChatTemplate.for_engine(engine, settings.chat_template)
         servicer.attach(engine, adapters, chat)
+        if not listening:
+            listening = True
+            await _listen(server, http)
         await server.health.set_serving(True)
         watchdog = asyncio.ensure_future(_watchdog(engine, server))
         log.info("inference service ready", extra={"address": server.address, "model": engine.info.model})
@@ -169,8 +178,8 @@ async def serve(
         if watchdog is not None:
             watchdog.cancel()
         grace = min(settings.grace_seconds, ENGINE_DEATH_GRACE_SECONDS) if engine_died else None
-        grpc_stopped = asyncio.ensure_future(server.stop(grace))
-        if http is not None:
+        grpc_stopped = asyncio.ensure_future(server.stop(grace) if listening else asyncio.sleep(0))
+        if http is not None and listening:
             # Health is NOT_SERVING now, so new HTTP calls get 503 + Retry-After during the drain
             # window; then the HTTP server lets its calls in flight finish and closes.
             await asyncio.sleep(0 if engine_died else settings.drain_seconds)
@@ -188,6 +197,12 @@ async def serve(
                 settings.ready_file.unlink()
     if engine_died:
         raise EngineDied(ENGINE_DEAD)
+
+
+async def _listen(server: GrpcServer, http: HttpFrontEnd | None) -> None:
+    await server.start()
+    if http is not None:
+        await http.start()
 
 
 def http_front_end(
@@ -208,6 +223,7 @@ def http_front_end(
         tls_key=str(settings.tls_key) if settings.tls_key else None,
         tls_client_ca=str(settings.tls_client_ca) if settings.tls_client_ca else None,
         grace_seconds=settings.grace_seconds,
+        reuse_port=settings.reuse_port,
     )
     return HttpFrontEnd(
         plane,

@@ -67,6 +67,11 @@ class ServerSettings:
     drain_seconds: float = setting(
         0.0, "on SIGTERM, how long the port stays open (answering UNAVAILABLE) before the drain"
     )
+    reuse_port: bool = setting(
+        False,
+        "share the listen ports with another process (SO_REUSEPORT): a replacement on the same host "
+        "binds them while this one serves, for a rolling restart without a refused connection",
+    )
     tls_cert: Path | None = setting(None, "PEM server certificate (with tls_key: serve TLS)")
     tls_key: Path | None = setting(None, "PEM private key of tls_cert")
     tls_client_ca: Path | None = setting(None, "PEM CA bundle: require client certificates it signed (mTLS)")
@@ -144,7 +149,8 @@ class GrpcServer:
             options=[
                 ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
                 ("grpc.max_send_message_length", settings.max_send_message_bytes),
-                ("grpc.so_reuseport", 0),
+                # Off by default: a second server on a port in use must fail, not share it by accident.
+                ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
                 *options,
             ],
         )

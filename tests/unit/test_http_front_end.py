@@ -24,8 +24,11 @@ def test_draining_answers_503_with_retry_after_in_each_shape() -> None:
     r = c.post("/v1/completions", json={"prompt": "x"})
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
     assert r.json()["error"]["type"] == "service_unavailable_error"
+    # The retry must not ride the kept-alive connection back to this draining process.
+    assert r.headers["connection"] == "close"
     r = c.post("/generate", json={"inputs": "x"})
     assert r.status_code == 503 and r.json()["error_type"] == "overloaded"
+    assert r.headers["connection"] == "close"
     assert c.get("/ready").status_code == 503
     assert c.get("/live").status_code == 200
 
