@@ -36,8 +36,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from loramerge_client import InferenceClient, MergedAdapters, SamplingParams
 
+from loramerge_client import InferenceClient, MergedAdapters, SamplingParams
 from tests.e2e.conftest import (
     ENGINE_START_TIMEOUT_S,
     MAX_LORA_RANK,
