@@ -127,7 +127,7 @@ def inference_process(
         "--dtype", "float32", "--kv-cache-bytes", "64MiB", "--max-model-len", "512",
         "--max-lora-rank", str(MAX_LORA_RANK), "--max-loras", "4", "--max-cpu-loras", "8",
         "--ready-file", str(ready),
-        "--merge-timeout-seconds", "60",
+        "--fetch-timeout-ceiling-seconds", "60",
         "--drain-seconds", str(DRAIN_SECONDS), "--grace-seconds", "30",
         "--log-format", "json",
     ]  # fmt: skip
