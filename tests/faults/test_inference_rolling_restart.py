@@ -54,7 +54,10 @@ PROMPT = "The quick brown fox"
 TOKENS = 8
 MERGED = {"ids": ["a", "b"], "weights": [0.5, 0.5]}
 DRAIN_SECONDS = 1  # the old process answers UNAVAILABLE / 503 this long before it stops listening
-AFTER_SECONDS = 3  # how long the loops run on the replacement alone
+AFTER_SECONDS = 3  # how long the loops run on the replacement alone, once each has been served by it
+# A loop's next success can lag the old process's exit by its retry back-off (up to 2 s) plus a reconnect
+# (back-off capped at 2 s) plus the call itself on a loaded machine: wait for it, within this bound.
+REJOIN_SECONDS = 60
 # Between two calls of a loop: clients with a little think time leave the two cores to the engines
 # (four loops calling flat out starve the replacement's engine start on a shared two-core machine).
 PAUSE_SECONDS = 0.1
@@ -237,6 +240,9 @@ def test_inference_rolling_restart_on_the_same_ports_fails_no_call(
         t_signal = time.monotonic()
         assert old.proc.wait(60) == 0, old.log_text()[-3000:]
         t_old_gone = time.monotonic()
+        rejoin = t_old_gone + REJOIN_SECONDS
+        while not all(loop.ok_after(t_old_gone) for loop in loops) and time.monotonic() < rejoin:
+            time.sleep(0.05)
         time.sleep(AFTER_SECONDS)
     finally:
         for loop in loops:
