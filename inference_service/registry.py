@@ -42,7 +42,7 @@ from inference_service.request_specs import (
     spec_pinned,
 )
 from inference_service.singleflight import Flight, SingleFlight
-from inference_service.spec_memory import SpecMemory
+from inference_service.spec_memory import Planner, SpecMemory
 from inference_service.vllm_engine import ZERO_ADAPTER_ID
 from loramerge.errors import (
     DeadlineExceeded,
@@ -97,7 +97,9 @@ class LoraEngine(Protocol):
     async def remove_lora(self, lora_int_id: int) -> None: ...
 
 
-class Fetcher(Protocol):
+class Fetcher(Planner, Protocol):
+    """The merge service as the registry uses it: Plan (``Planner``) and a fetch into a writer."""
+
     async def fetch(
         self,
         spec: merge_pb2.MergeSpec,
@@ -107,10 +109,6 @@ class Fetcher(Protocol):
         field_namer: Callable[[str], str] = ...,
         on_progress: Callable[[merge_pb2.MergeProgress], None] | None = ...,
     ) -> Fetched: ...
-
-    async def plan(
-        self, spec: merge_pb2.MergeSpec, *, deadline: float, field_namer: Callable[[str], str] = ...
-    ) -> str: ...
 
 
 @dataclass
