@@ -65,7 +65,7 @@ def compress_factors(B: torch.Tensor, A: torch.Tensor, k: int) -> Factors:
     return Factors(bk.to(B.dtype).contiguous(), ak.to(A.dtype).contiguous(), relative_tail(s, k))
 
 
-DEFAULT_POWER_ITERS = 2
+DEFAULT_POWER_ITERS = 1
 
 
 def sketch_width(d_out: int, d_in: int, k: int, oversample: int | None = None) -> int | None:
@@ -97,7 +97,7 @@ def randomized_svd(
     """
     q, _ = torch.linalg.qr(m @ omega if y is None else y)
     for _ in range(power_iters):
-        z, _ = torch.linalg.qr(m.T @ q)
+        z, _ = torch.linalg.qr((q.T @ m).T)  # Mᵀq read row-major: a row-major M streams once, in order
         q, _ = torch.linalg.qr(m @ z)
     u, s, vh = torch.linalg.svd(q.T @ m, full_matrices=False)
     return q @ u, s, vh

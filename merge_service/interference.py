@@ -32,7 +32,8 @@ import torch
 
 from loramerge.v1 import merge_pb2
 from merge_service.adapter import LoraModule, load_adapter
-from merge_service.pipeline import Plan, _intra_op_threads
+from merge_service.pipeline import Plan
+from merge_service.threads import intra_op_threads
 
 DEFAULT_DENSITY = 0.2  # TIES's recommended density, used when the spec sets none
 DEFAULT_MAX_ENTRIES = 1 << 15  # sampled entries per module for the sign statistics
@@ -203,7 +204,7 @@ def plan_interference(plan: Plan) -> InterferenceResult:
     loaded = [load_adapter(src, "cpu", field=f"spec.adapters[{i}]") for i, src in enumerate(plan.sources)]
     factors = [adapter_factors(a.modules, ref.weight) for a, ref in zip(loaded, spec.adapters, strict=True)]
     density = spec.density if spec.density is not None else DEFAULT_DENSITY
-    with _intra_op_threads(1):  # every product here is small: threads only spin (see pipeline.py)
+    with intra_op_threads(1):  # every product here is small: threads only spin (see threads.py)
         return interference(factors, density=density)
 
 

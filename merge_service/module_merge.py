@@ -21,7 +21,8 @@ module contributes zero. A merged module is ``factorize.Factors``: B, A and the 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,11 +45,14 @@ from merge_service.strategies import (
     tensor_seed,
     weighted_sum,
 )
+from merge_service.threads import intra_op_threads
 
 # Elements per adapter per row block on the CPU (256 KiB of float32): the n blocks stay in L2.
 BLOCK_ELEMENTS = 1 << 16
 # Entries sampled to bracket a magnitude threshold before the exact pass.
 THRESHOLD_SAMPLE = 1 << 17
+# Row groups of the one-pass banded merge: fixed, so that results do not depend on the thread count.
+BANDED_GROUPS = 8
 
 
 def delta_dense(part: LoraModule) -> torch.Tensor:
@@ -158,13 +162,16 @@ def sampled_band(bs: torch.Tensor, a: torch.Tensor, k: int, seed: int) -> Band:
     n = bs.shape[0] * d_in
     gen = torch.Generator(device="cpu").manual_seed(seed)
     idx = torch.randint(0, n, (THRESHOLD_SAMPLE,), generator=gen).to(bs.device)
-    sample = (bs[idx // d_in] * a[:, idx % d_in].T).sum(dim=1).abs()
+    sample = (bs[idx // d_in] * a.T.contiguous()[idx % d_in]).sum(dim=1).abs()  # rows gathered, not columns
     q = 1.0 - k / n
     margin = 6.0 * math.sqrt(q * (1.0 - q) / THRESHOLD_SAMPLE) + 2.0 / THRESHOLD_SAMPLE
-    ordered = torch.sort(sample).values
     last = THRESHOLD_SAMPLE - 1
-    lo = float(ordered[math.floor((q - margin) * last)]) if q - margin > 0 else -1.0
-    hi = float(ordered[math.ceil((q + margin) * last)]) if q + margin < 1 else math.inf
+
+    def order_stat(j: int) -> float:  # the j-th smallest (0-based) of the sample
+        return float(torch.kthvalue(sample, j + 1).values)
+
+    lo = order_stat(math.floor((q - margin) * last)) if q - margin > 0 else -1.0
+    hi = order_stat(math.ceil((q + margin) * last)) if q + margin < 1 else math.inf
     return Band(k, lo, hi)
 
 
@@ -293,6 +300,19 @@ def dense_merge(
     return merged, total_sq, y
 
 
+@dataclass
+class _Group:
+    """One contiguous run of row blocks of the one-pass banded merge, with its own set-aside entries."""
+
+    blocks: list[tuple[int, int]]
+    def_idx: np.ndarray
+    def_vals: np.ndarray
+    above: np.ndarray
+    n_def: int = 0
+    block_sq: list[float] | None = None
+    overflow: bool = False
+
+
 def _banded_merge(
     bs: list[torch.Tensor],
     parts: Sequence[LoraModule],
@@ -313,6 +333,12 @@ def _banded_merge(
     entries are merged with them and patched into M, ‖M‖² and MΩ (``kernels.fix_deferred``). The result
     equals ``strategy.fn`` on the dense ΔW_i entry for entry. None: not worth it (small matrices) or a
     band missed; the caller then takes the two-pass route.
+
+    The rows are cut into BANDED_GROUPS contiguous groups, each with its own set-aside list, run on up to
+    torch's thread count of worker threads (one intra-op thread each: the kernels are single-threaded).
+    The tie quota of each threshold is handed out over the groups in row order, so the groups can be
+    patched independently and still keep the row-major first ties; the float64 sums are added per block
+    and per group in order. The group count is fixed, so the bytes do not depend on the thread count.
     """
     n, d_out, d_in = len(parts), bs[0].shape[0], parts[0].A.shape[1]
     size = d_out * d_in
@@ -321,7 +347,6 @@ def _banded_merge(
     k = keep_count(size, params.density)
     lo = np.full(n, -1.0, dtype=np.float32)
     hi = np.full(n, -1.0, dtype=np.float32)
-    ks = [k] * n
     fraction = 0.0
     if k == 0:
         lo[:], hi[:] = np.inf, np.inf
@@ -331,10 +356,6 @@ def _banded_merge(
             lo[i], hi[i] = band.lo, band.hi
         q = 1.0 - k / size
         fraction = 2.0 * (6.0 * math.sqrt(q * (1.0 - q) / THRESHOLD_SAMPLE) + 2.0 / THRESHOLD_SAMPLE)
-    cap = int(1.5 * min(1.0, n * fraction) * size) + 4096
-    def_idx = np.empty(cap, dtype=np.int64)
-    def_vals = np.empty((cap, n), dtype=np.float32)
-    above = np.zeros(n, dtype=np.int64)
     w = np.array(list(weights), dtype=np.float32)
     device = bs[0].device
     merged = out.matrix(d_out, d_in, device) if out is not None else torch.empty(d_out, d_in, device=device)
@@ -342,61 +363,85 @@ def _banded_merge(
     disjoint = strategy.combine == Combine.DISJOINT
     frequency = params.sign_method == SignMethod.FREQUENCY
     max_rows = max(r1 - r0 for r0, r1 in blocks)
-    buf = torch.empty(n * max_rows * d_in)
-    total_sq, n_def = 0.0, 0
-    for r0, r1 in blocks:
-        d = buf[: n * (r1 - r0) * d_in].view(n, r1 - r0, d_in)
-        for i in range(n):
-            torch.matmul(bs[i][r0:r1], parts[i].A, out=d[i])
-        block = merged[r0:r1]
-        blk_sq, n_def = kernels.merge_block_banded(
-            d.numpy(),
-            w,
-            lo,
-            hi,
-            disjoint,
-            frequency,
-            block.numpy(),
-            r0 * d_in,
-            above,
-            def_idx,
-            def_vals,
-            n_def,
-        )
-        total_sq += blk_sq
-        if n_def > cap:
-            return None
-        if y is not None:
-            torch.matmul(block, omega, out=y[r0:r1])
+    groups = []
+    for g in range(min(BANDED_GROUPS, len(blocks))):
+        part = blocks[g * len(blocks) // BANDED_GROUPS : (g + 1) * len(blocks) // BANDED_GROUPS]
+        if not part:
+            continue
+        entries = (part[-1][1] - part[0][0]) * d_in
+        cap = int(1.5 * min(1.0, n * fraction) * entries) + 4096
+        idx, vals = np.empty(cap, dtype=np.int64), np.empty((cap, n), dtype=np.float32)
+        groups.append(_Group(part, idx, vals, np.zeros(n, dtype=np.int64)))
+
+    def scan(group: _Group) -> None:
+        buf = torch.empty(n * max_rows * d_in)
+        sums = []
+        with intra_op_threads(1):
+            for r0, r1 in group.blocks:
+                d = buf[: n * (r1 - r0) * d_in].view(n, r1 - r0, d_in)
+                for i in range(n):
+                    torch.matmul(bs[i][r0:r1], parts[i].A, out=d[i])
+                block = merged[r0:r1]
+                blk_sq, group.n_def = kernels.merge_block_banded(
+                    d.numpy(), w, lo, hi, disjoint, frequency, block.numpy(), r0 * d_in,
+                    group.above, group.def_idx, group.def_vals, group.n_def,
+                )  # fmt: skip
+                sums.append(blk_sq)
+                if group.n_def > group.def_idx.shape[0]:
+                    group.overflow = True
+                    return
+                if y is not None:
+                    torch.matmul(block, omega, out=y[r0:r1])
+        group.block_sq = sums
+
+    _run_groups(scan, groups)
+    if any(g.overflow for g in groups):
+        return None
+    total_sq = sum(s for g in groups for s in (g.block_sq or []))
     th = np.full(n, -1.0, dtype=np.float32)
-    ties_left = np.zeros(n, dtype=np.int64)
+    ties = np.zeros((len(groups), n), dtype=np.int64)
     if 0 < k < size:
-        vals = torch.from_numpy(def_vals[:n_def])
+        vals = [torch.from_numpy(g.def_vals[: g.n_def]) for g in groups]
         for i in range(n):
-            mag = vals[:, i].abs()
+            mag = torch.cat([v[:, i] for v in vals]).abs()
             inside = mag[(mag > float(lo[i])) & (mag <= float(hi[i]))]
-            t = band_threshold(inside, int(above[i]), ks[i])
+            t = band_threshold(inside, int(sum(g.above[i] for g in groups)), k)
             if t is None:
                 return None
-            th[i], ties_left[i] = t.value, t.ties
+            th[i] = t.value
+            left = t.ties
+            for j, v in enumerate(vals):  # the first ties in row order lie in the first groups
+                ties[j, i] = min(left, int((v[:, i].abs() == th[i]).sum()))
+                left -= int(ties[j, i])
     elif k == 0:
         th[:] = np.inf
     sketch = y is not None
-    total_sq += kernels.fix_deferred(
-        def_idx,
-        def_vals,
-        n_def,
-        w,
-        th,
-        ties_left,
-        disjoint,
-        frequency,
-        merged.view(-1).numpy(),
-        omega.numpy() if omega is not None else np.empty((d_in, 0), dtype=np.float32),
-        y.numpy() if y is not None else np.empty((1, 0), dtype=np.float32),
-        sketch,
-    )
-    return merged, total_sq, y
+    flat = merged.view(-1).numpy()
+    omega_np = omega.numpy() if omega is not None else np.empty((d_in, 0), dtype=np.float32)
+    y_np = y.numpy() if y is not None else np.empty((1, 0), dtype=np.float32)
+    deltas = [0.0] * len(groups)
+
+    def patch(group: _Group) -> None:
+        j = groups.index(group)
+        deltas[j] = kernels.fix_deferred(
+            group.def_idx, group.def_vals, group.n_def, w, th, ties[j].copy(), disjoint, frequency,
+            flat, omega_np, y_np, sketch,
+        )  # fmt: skip
+
+    _run_groups(patch, groups)
+    return merged, total_sq + sum(deltas), y
+
+
+def _run_groups(fn: Callable[[_Group], None], groups: list[_Group]) -> None:
+    """fn(group) for every group, on up to torch's intra-op thread count of threads."""
+    workers = min(torch.get_num_threads(), len(groups))
+    if workers <= 1:
+        for g in groups:
+            fn(g)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="banded") as pool:
+        for f in [pool.submit(fn, g) for g in groups]:
+            f.result()
 
 
 def _fused_blocks(

@@ -20,8 +20,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -56,6 +55,7 @@ from merge_service.output import (
 from merge_service.sources.base import ResolvedSource
 from merge_service.spec import AdapterRef, MergeSpec, Space
 from merge_service.strategies import MergeParams
+from merge_service.threads import intra_op_threads
 
 __all__ = ["Merger", "ModuleShape", "Plan", "SourceResolver"]
 
@@ -109,20 +109,6 @@ def pick_device(device: str) -> str:
 # Below this many elements per module, intra-op threads cost more than they give (and oversubscribed
 # cores make LAPACK's OpenMP barriers very slow); torch's thread count is per calling thread.
 SMALL_MODULE_ELEMENTS = 1 << 20
-
-
-@contextmanager
-def _intra_op_threads(n: int | None) -> Iterator[None]:
-    """Run the body with ``n`` intra-op threads in this thread (None: leave as is)."""
-    if n is None:
-        yield
-        return
-    prev = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
 
 
 def _read_shapes(src: ResolvedSource, config: AdapterConfig, fld: str) -> dict[str, tuple[int, int, int]]:
@@ -294,7 +280,7 @@ class Merger:
         keys = _adapter_keys([plan.sources[i].digest for i in order])
 
         small = device == "cpu" and max(m.d_out * m.d_in for m in plan.modules) <= SMALL_MODULE_ELEMENTS
-        with _intra_op_threads(1 if small else None):
+        with intra_op_threads(1 if small else None):
             tensors, stats = self._merge_modules(plan, adapters, weights, keys, progress)
         del adapters
         canonical_spec = encode(canonical(spec, [src.digest for src in plan.sources], plan.rank)).decode()

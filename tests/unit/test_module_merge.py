@@ -135,3 +135,38 @@ def test_one_pass_banded_merge_is_taken_and_exact(
     assert total_sq == pytest.approx(float(want.double().square().sum()), rel=1e-6)
     assert y is not None
     torch.testing.assert_close(y, want @ omega, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+@pytest.mark.skipif(not kernels.AVAILABLE, reason="numba is not installed")
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_banded_merge_spreads_ties_over_row_groups_and_ignores_the_thread_count(
+    small_blocks: None, monkeypatch: pytest.MonkeyPatch, threads: int
+) -> None:
+    """Rows 5, 35, …, 275 share one magnitude and the threshold falls inside that plateau, so the tie
+    quota must be spent in row order across the row groups the worker threads patch independently."""
+    taken = []
+    real = module_merge._banded_merge
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        result = real(*args, **kwargs)
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setattr(module_merge, "_banded_merge", spy)
+    b = torch.rand(300, 1, generator=torch.Generator().manual_seed(2))
+    plateau = torch.arange(5, 300, 30)
+    b[plateau] = 0.5
+    p = LoraModule(A=torch.ones(1, 200), B=b, scale=1.0)
+    k = int((b > 0.5).sum()) * 200 + 1000  # the first 1000 of the 2000 tied entries
+    density = k / 60000 + 1e-9
+    strategy = strategies.get("magnitude_prune")
+    torch.set_num_threads(threads)
+    merged, total_sq, _ = dense_merge([p], [1.0], strategy, MergeParams(density), [0])
+    want = strategies.magnitude_prune_tensor(b @ p.A, density)
+    assert taken == [True] and len(module_merge.row_blocks(300, 200, torch.device("cpu"))) > 8
+    assert torch.equal(merged, want)
+    kept_ties = (merged == 0.5).nonzero()[:, 0].unique()
+    assert kept_ties.tolist() == plateau[:5].tolist()  # rows 5 … 125: more than one row group
+    torch.set_num_threads(1)
+    again, again_sq, _ = dense_merge([p], [1.0], strategy, MergeParams(density), [0])
+    assert torch.equal(again, merged) and again_sq == total_sq
