@@ -90,21 +90,21 @@ def safetensors_bytes(
     header: dict[str, Any] = {
         "__metadata__": {k: str(v) for k, v in sorted({**METADATA, **(metadata or {})}.items())}
     }
-    blobs: list[bytes] = []
+    views = []  # the tensors' own storage: join copies each byte once, into the result
     offset = 0
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
-        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        raw = t.reshape(-1).view(torch.uint8).numpy()
         header[name] = {
             "dtype": _DTYPE_NAMES[t.dtype],
             "shape": list(t.shape),
-            "data_offsets": [offset, offset + len(raw)],
+            "data_offsets": [offset, offset + raw.nbytes],
         }
-        blobs.append(raw)
-        offset += len(raw)
+        views.append(raw)
+        offset += raw.nbytes
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode()
     text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + b"".join(blobs)
+    return b"".join([len(text).to_bytes(8, "little"), text, *views])
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
