@@ -14,14 +14,17 @@ The safetensors bytes are deterministic: tensors in sorted-name order, fixed met
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from loramerge.errors import FailedPrecondition
@@ -81,16 +84,14 @@ def config_json(config: Mapping[str, Any]) -> str:
 _DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 
 
-def safetensors_bytes(
-    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
-) -> bytes:
-    """The adapter_model.safetensors bytes, serialized here so that every byte is fixed: the header
-    lists ``__metadata__`` then tensors in sorted-name order (safetensors' own writer keeps metadata in
-    a hash map, whose order varies), data in the same order, the header padded with spaces to 8 bytes."""
+def _safetensors_pieces(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
+) -> list[bytes | np.ndarray]:
+    """The file as a list of buffers: the length, the header, then the tensors' own storage (no copy)."""
     header: dict[str, Any] = {
         "__metadata__": {k: str(v) for k, v in sorted({**METADATA, **(metadata or {})}.items())}
     }
-    views = []  # the tensors' own storage: join copies each byte once, into the result
+    views = []
     offset = 0
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
@@ -104,7 +105,39 @@ def safetensors_bytes(
         offset += raw.nbytes
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode()
     text += b" " * (-len(text) % 8)
-    return b"".join([len(text).to_bytes(8, "little"), text, *views])
+    return [len(text).to_bytes(8, "little"), text, *views]
+
+
+def safetensors_bytes(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> bytes:
+    """The adapter_model.safetensors bytes, serialized here so that every byte is fixed: the header
+    lists ``__metadata__`` then tensors in sorted-name order (safetensors' own writer keeps metadata in
+    a hash map, whose order varies), data in the same order, the header padded with spaces to 8 bytes.
+    Each tensor byte is copied once, into the result."""
+    return b"".join(_safetensors_pieces(tensors, metadata))
+
+
+def safetensors_bytes_and_sha256(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, *, threads: int = 1
+) -> tuple[bytes, str]:
+    """``safetensors_bytes`` and their hex sha256; with two threads or more the pieces are hashed on a
+    second thread while they are joined (hashlib and the copy both release the GIL)."""
+    pieces = _safetensors_pieces(tensors, metadata)
+
+    def digest() -> str:
+        h = hashlib.sha256()
+        for piece in pieces:
+            h.update(piece)
+        return h.hexdigest()
+
+    if threads < 2:
+        data = b"".join(pieces)
+        return data, hashlib.sha256(data).hexdigest()
+    with ThreadPoolExecutor(1, thread_name_prefix="sha256") as pool:
+        hashed = pool.submit(digest)
+        data = b"".join(pieces)
+        return data, hashed.result()
 
 
 def _fsync_write(path: Path, data: bytes) -> None:

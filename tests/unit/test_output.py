@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
+import pytest
 import torch
 from safetensors.torch import load
 
-from merge_service.output import safetensors_bytes
+from merge_service.output import safetensors_bytes, safetensors_bytes_and_sha256
 
 
 def test_safetensors_bytes_decode_with_the_official_reader_in_a_fixed_layout() -> None:
@@ -28,3 +30,11 @@ def test_safetensors_bytes_decode_with_the_official_reader_in_a_fixed_layout() -
     assert size % 8 == 0 and list(header) == ["__metadata__", *sorted(tensors)]
     assert header["__metadata__"] == {"format": "pt", "loramerge.merge_key": "k"}
     assert data == safetensors_bytes(dict(reversed(tensors.items())), {"loramerge.merge_key": "k"})
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bytes_and_sha256_agree_with_hashlib(threads: int) -> None:
+    tensors = {f"t{i}.lora_A.weight": torch.randn(50, 40) for i in range(5)}
+    data, digest = safetensors_bytes_and_sha256(tensors, {"k": "v"}, threads=threads)
+    assert data == safetensors_bytes(tensors, {"k": "v"})
+    assert digest == hashlib.sha256(data).hexdigest()
