@@ -284,7 +284,8 @@ def eval_argv(suite_path: Path, addr: str, plan: Plan, configs_path: Path, out: 
         "--densities", ",".join(f"{d:g}" for d in plan.densities), "--seed", str(plan.seed),
         "--configs", str(configs_path),
         "--goal", "min:" + ",".join(MERGEABLE_PAIR), "--own-tasks",
-        "--concurrency", "16", "--timeout", "600", "--out", str(out),
+        # Four configurations in flight fill the engine's four LoRA slots; each waits alone for its merge.
+        "--concurrency", "32", "--parallel-configs", "4", "--timeout", "600", "--out", str(out),
     ]  # fmt: skip
     if plan.limit:
         argv += ["--limit", str(plan.limit)]
@@ -404,7 +405,7 @@ def tune_argv(suite_path: Path, addr: str, plan: Plan, out: Path) -> list[str]:
     argv = [
         "loramerge", "tune", str(suite_path), "--adapters", ",".join(MERGEABLE_PAIR),
         "--goal", "min:" + ",".join(MERGEABLE_PAIR), "--trials", str(plan.tune_trials),
-        "--seed", str(plan.seed), "--concurrency", "16", "--timeout", "600", "--inference-addr", addr,
+        "--seed", str(plan.seed), "--concurrency", "32", "--timeout", "600", "--inference-addr", addr,
         "--study", str(out / "tune" / "study.db"), "--recipe", str(out / "recipes.yaml"),
         "--recipe-name", "-".join(MERGEABLE_PAIR), "--out", str(out / "tune"),
         "--reuse", str(out / "report.json"),  # the grid's merges are not evaluated twice
