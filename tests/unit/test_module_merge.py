@@ -36,6 +36,20 @@ def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(module_merge, "THRESHOLD_SAMPLE", 512)
 
 
+def banded_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Spy on the one-pass banded merge: one entry per call, True when it produced the result."""
+    taken: list[bool] = []
+    real = module_merge._banded_merge
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        result = real(*args, **kwargs)
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setattr(module_merge, "_banded_merge", spy)
+    return taken
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["numba", "torch"])
 @pytest.mark.parametrize("name", ["ties", "magnitude_prune", "dare_ties", "dare_linear"])
 @pytest.mark.parametrize("density", [0.07, 0.5, 1.0])
@@ -114,15 +128,7 @@ def test_one_pass_banded_merge_is_taken_and_exact(
     """The one-pass magnitude merge (deferred band entries) runs, equals the strategy, and keeps MΩ."""
     if not kernels.AVAILABLE:
         pytest.skip("numba is not installed")
-    taken = []
-    real = module_merge._banded_merge
-
-    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
-        result = real(*args, **kwargs)
-        taken.append(result is not None)
-        return result
-
-    monkeypatch.setattr(module_merge, "_banded_merge", spy)
+    taken = banded_calls(monkeypatch)
     ps = parts(4, seed=7)
     strategy = strategies.get(name)
     params = MergeParams(density=density)
@@ -144,15 +150,7 @@ def test_banded_merge_spreads_ties_over_row_groups_and_ignores_the_thread_count(
 ) -> None:
     """Rows 5, 35, …, 275 share one magnitude and the threshold falls inside that plateau, so the tie
     quota must be spent in row order across the row groups the worker threads patch independently."""
-    taken = []
-    real = module_merge._banded_merge
-
-    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
-        result = real(*args, **kwargs)
-        taken.append(result is not None)
-        return result
-
-    monkeypatch.setattr(module_merge, "_banded_merge", spy)
+    taken = banded_calls(monkeypatch)
     b = torch.rand(300, 1, generator=torch.Generator().manual_seed(2))
     plateau = torch.arange(5, 300, 30)
     b[plateau] = 0.5
