@@ -300,7 +300,7 @@ def dense_merge(
     return merged, total_sq, y
 
 
-@dataclass
+@dataclass(eq=False)
 class _Group:
     """One contiguous run of row blocks of the one-pass banded merge, with its own set-aside entries."""
 
@@ -311,6 +311,8 @@ class _Group:
     n_def: int = 0
     block_sq: list[float] | None = None
     overflow: bool = False
+    ties: np.ndarray | None = None  # per adapter: this group's share of the threshold's tie quota
+    delta_sq: float = 0.0  # Σ (patched² − provisional²) over its set-aside entries
 
 
 def _banded_merge(
@@ -399,7 +401,8 @@ def _banded_merge(
         return None
     total_sq = sum(s for g in groups for s in (g.block_sq or []))
     th = np.full(n, -1.0, dtype=np.float32)
-    ties = np.zeros((len(groups), n), dtype=np.int64)
+    for g in groups:
+        g.ties = np.zeros(n, dtype=np.int64)
     if 0 < k < size:
         vals = [torch.from_numpy(g.def_vals[: g.n_def]) for g in groups]
         for i in range(n):
@@ -410,26 +413,24 @@ def _banded_merge(
                 return None
             th[i] = t.value
             left = t.ties
-            for j, v in enumerate(vals):  # the first ties in row order lie in the first groups
-                ties[j, i] = min(left, int((v[:, i].abs() == th[i]).sum()))
-                left -= int(ties[j, i])
+            for g, v in zip(groups, vals, strict=True):  # the first ties in row order: first groups
+                g.ties[i] = min(left, int((v[:, i].abs() == th[i]).sum()))
+                left -= int(g.ties[i])
     elif k == 0:
         th[:] = np.inf
     sketch = y is not None
     flat = merged.view(-1).numpy()
     omega_np = omega.numpy() if omega is not None else np.empty((d_in, 0), dtype=np.float32)
     y_np = y.numpy() if y is not None else np.empty((1, 0), dtype=np.float32)
-    deltas = [0.0] * len(groups)
 
     def patch(group: _Group) -> None:
-        j = groups.index(group)
-        deltas[j] = kernels.fix_deferred(
-            group.def_idx, group.def_vals, group.n_def, w, th, ties[j].copy(), disjoint, frequency,
+        group.delta_sq = kernels.fix_deferred(
+            group.def_idx, group.def_vals, group.n_def, w, th, group.ties, disjoint, frequency,
             flat, omega_np, y_np, sketch,
         )  # fmt: skip
 
     _run_groups(patch, groups)
-    return merged, total_sq + sum(deltas), y
+    return merged, total_sq + sum(g.delta_sq for g in groups), y
 
 
 def _run_groups(fn: Callable[[_Group], None], groups: list[_Group]) -> None:
