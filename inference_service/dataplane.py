@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from inference_service import sampling
@@ -117,7 +117,7 @@ class DataPlane:
         time_remaining: float | None = None,
         *,
         merge_progress: bool = False,
-    ) -> AsyncGenerator[Step, None]:
+    ) -> AsyncIterator[Step]:
         """Generate for ``request``; ``time_remaining`` is the caller's deadline in seconds, if any.
 
         With ``merge_progress``, steps carrying only the merge service's progress come first while
@@ -158,9 +158,10 @@ class DataPlane:
                 lora = engine.lora_request(None)
             else:
                 lora = engine.lora_request(usage.entry.name, usage.entry.lora_int_id, usage.entry.path)
-            outs = engine.generate(prompt, params, f"{request_id}-{uuid.uuid4().hex[:8]}", lora)
             try:
-                async for out in outs:
+                async for out in engine.generate(
+                    prompt, params, f"{request_id}-{uuid.uuid4().hex[:8]}", lora
+                ):
                     result = out.outputs[0]
                     completion += len(result.token_ids)
                     if first and self.metrics:
@@ -185,8 +186,6 @@ class DataPlane:
                 if self.metrics and not isinstance(e, Exception):  # cancelled: vLLM aborted the request
                     self.metrics.aborted.inc()
                 raise
-            finally:
-                await outs.aclose()  # aborts the request in vLLM now, not when the stream is collected
         if step is None:  # vLLM ended the request without a single output
             raise Unavailable("the engine finished the request without any output; retry")
         if self.metrics:

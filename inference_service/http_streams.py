@@ -3,8 +3,7 @@ step is a plain HTTP error), merge progress as SSE comment lines, the first step
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 
 from sse_starlette import ServerSentEvent
 
@@ -14,7 +13,7 @@ from loramerge.v1 import inference_pb2, merge_pb2
 
 async def first_step(
     plane: DataPlane, req: inference_pb2.GenerateRequest, *, merge_progress: bool = False
-) -> tuple[AsyncGenerator[Step, None], Step]:
+) -> tuple[AsyncIterator[Step], Step]:
     """Start generating and wait for the first step, so every fault before it is a plain HTTP error.
 
     ``merge_progress`` (streams): the first step may be the merge service's progress while the
@@ -33,9 +32,7 @@ def progress_event(progress: merge_pb2.MergeProgress) -> ServerSentEvent:
     return ServerSentEvent(comment=f"merge progress: {progress.stage} {progress.done}/{progress.total}")
 
 
-async def chain(first: Step, rest: AsyncGenerator[Step, None]) -> AsyncIterator[Step]:
-    """``first``, then ``rest``; closing the chain closes ``rest`` (which aborts the vLLM request)."""
-    async with contextlib.aclosing(rest):
-        yield first
-        async for step in rest:
-            yield step
+async def chain(first: Step, rest: AsyncIterator[Step]) -> AsyncIterator[Step]:
+    yield first
+    async for step in rest:
+        yield step

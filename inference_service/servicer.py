@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -79,26 +78,25 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
         steps = self.plane.generate(request, context.time_remaining(), merge_progress=request.merge_progress)
-        async with contextlib.aclosing(steps):  # closed with this stream: the vLLM request aborts now
-            async for step in steps:
-                if step.merge_progress is not None:
-                    yield inference_pb2.GenerateStreamResponse(
-                        request_id=step.request_id, merge_progress=step.merge_progress
-                    )
-                    continue
-                msg = inference_pb2.GenerateStreamResponse(
-                    text=step.text,
-                    token_ids=step.token_ids,
-                    prompt_tokens=step.prompt_tokens,
-                    completion_tokens=step.completion_tokens,
-                    request_id=step.request_id,
-                    logprobs=logprob_messages(step.logprobs),
+        async for step in steps:
+            if step.merge_progress is not None:
+                yield inference_pb2.GenerateStreamResponse(
+                    request_id=step.request_id, merge_progress=step.merge_progress
                 )
-                if step.usage is not None:
-                    msg.adapter.CopyFrom(adapter_usage(step.usage))
-                if step.finish_reason:
-                    msg.finish_reason = _FINISH.get(step.finish_reason, inference_pb2.FinishReason.STOP)
-                yield msg
+                continue
+            msg = inference_pb2.GenerateStreamResponse(
+                text=step.text,
+                token_ids=step.token_ids,
+                prompt_tokens=step.prompt_tokens,
+                completion_tokens=step.completion_tokens,
+                request_id=step.request_id,
+                logprobs=logprob_messages(step.logprobs),
+            )
+            if step.usage is not None:
+                msg.adapter.CopyFrom(adapter_usage(step.usage))
+            if step.finish_reason:
+                msg.finish_reason = _FINISH.get(step.finish_reason, inference_pb2.FinishReason.STOP)
+            yield msg
 
     @rpc_method
     async def LoadAdapter(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 import grpc
@@ -85,18 +85,19 @@ def _wrap(handler: grpc.RpcMethodHandler, state: DrainState) -> grpc.RpcMethodHa
     if handler.response_streaming:
         behaviour = handler.stream_stream if handler.request_streaming else handler.unary_stream
 
-        async def stream(request: Any, context: grpc.aio.ServicerContext) -> None:
-            # Written with context.write (see rpc.rpc_method): a cancelled call lands here and closes
-            # the handler's generator before the call counts as finished.
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             with state.track():
                 result = behaviour(request, context)
-                if inspect.isasyncgen(result):
-                    async with contextlib.aclosing(result):
+                if inspect.isasyncgen(result) or hasattr(result, "__aiter__"):
+                    try:
                         async for item in result:
-                            await context.write(item)
-                elif hasattr(result, "__aiter__"):
-                    async for item in result:
-                        await context.write(item)
+                            yield item
+                    finally:
+                        # A cancelled call closes this generator: close the handler's now too, so its
+                        # cleanup runs before the call counts as finished.
+                        aclose = getattr(result, "aclose", None)
+                        if aclose is not None:
+                            await aclose()
                 else:  # a handler that writes with context.write and returns a coroutine
                     await result
 

@@ -12,21 +12,19 @@ and async-generator methods (streaming responses)::
 
 - ``LoramergeError`` -> its status code, message and google.rpc.BadRequest details.
 - any other exception -> INTERNAL with a short message; the traceback goes to the log.
-- a client that cancels -> CancelledError propagates, counted as CANCELLED. A streaming method is
-  written as an async generator and served in grpc's reader-writer form (``context.write``), so a
-  cancellation closes the generator at once (its ``finally`` blocks run then, not at collection).
+- a client that cancels -> CancelledError (unary) or GeneratorExit (stream) propagates, counted as
+  CANCELLED.
 Each error is counted in ``loramerge_rpc_errors_total{method,code}`` when the servicer has metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -94,22 +92,26 @@ def rpc_method(fn: F) -> F:
     if inspect.isasyncgenfunction(fn):
 
         @functools.wraps(fn)
-        async def stream_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> None:
-            # The reader-writer form (context.write), not a generator: grpc does not close a handler's
-            # generator when the client cancels while a message is being sent, so its cleanup (here:
-            # aborting the vLLM request) would wait for the garbage collector. A cancellation now
-            # lands in this frame and the handler is closed at once.
+        async def stream_wrapper(
+            self: Any, request: Any, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
             metrics = _metrics(self)
             if metrics:
                 metrics.requests.labels(method=method).inc()
             t0 = time.perf_counter()
+            inner = fn(self, request, context)
             try:
-                async with contextlib.aclosing(fn(self, request, context)) as inner:
-                    async for item in inner:
-                        await context.write(item)
+                async for item in inner:
+                    yield item
+            except GeneratorExit:
+                # grpc closes the generator of a stream the client cancelled (or the server dropped).
+                if metrics:
+                    metrics.error(method, "CANCELLED")
+                raise
             except (Exception, asyncio.CancelledError) as exc:
                 await _handle(exc, method, self, context)
             finally:
+                await inner.aclose()  # run the handler's own cleanup now, not when it is collected
                 if metrics:
                     metrics.seconds.labels(method=method).observe(time.perf_counter() - t0)
 
