@@ -103,11 +103,12 @@ def merge_process(adapter_root: Path, root: Path, port: int) -> ServiceProcess:
 
 
 def engine_cores() -> tuple[str, str]:
-    """VLLM_CPU_OMP_THREADS_BIND for the old process and its replacement: different cores. vLLM's
-    "auto" pins every engine's worker to the same core, where the replacement's start crawls (minutes)
-    beside the old worker busy serving; on one host the two must be given different cores."""
-    cpus = sorted(os.sched_getaffinity(0))
-    return (str(cpus[0]), str(cpus[-1])) if len(cpus) > 1 else ("nobind", "nobind")
+    """VLLM_CPU_OMP_THREADS_BIND for the old process and its replacement: "nobind" for both (see the
+    README's rolling-restart note). A worker pinned to a core pins its load there: vLLM's "auto" puts
+    both workers on the same core, and with a core of its own each, the replacement's start still
+    visits the old worker's core (MKL counts cores at torch import by moving the importing thread onto
+    each in turn) and crawls there for minutes. Unpinned, the scheduler moves whichever it must."""
+    return ("nobind", "nobind")
 
 
 def inference_process(
