@@ -119,11 +119,18 @@ class AdapterConfig:
 class LoraModule:
     """One adapter's factors for one module: ΔW = scale · B @ A, with A (r, d_in) and B (d_out, r).
 
-    The loader makes them (float32); the module merge and the interference report read them."""
+    The loader makes them (float32, or 16-bit as stored with ``keep_16bit``); the module merge and the
+    interference report read them in float32 (``float32()``)."""
 
     A: torch.Tensor
     B: torch.Tensor
     scale: float
+
+    def float32(self) -> LoraModule:
+        """These factors in float32 (self when they are already): widening 16-bit floats is exact."""
+        if self.A.dtype == torch.float32 and self.B.dtype == torch.float32:
+            return self
+        return LoraModule(A=self.A.to(torch.float32), B=self.B.to(torch.float32), scale=self.scale)
 
 
 @dataclass
@@ -475,9 +482,18 @@ def all_finite(t: torch.Tensor) -> bool:
 
 
 def load_adapter(
-    src: ResolvedSource, device: str = "cpu", *, max_bytes: int | None = None, field: str = "adapter"
+    src: ResolvedSource,
+    device: str = "cpu",
+    *,
+    max_bytes: int | None = None,
+    field: str = "adapter",
+    keep_16bit: bool = False,
 ) -> LoraAdapter:
     """Read, check and decode an adapter's two files into float32 factors on ``device``.
+
+    ``keep_16bit``: float16 and bfloat16 factors stay as stored, to be widened one module at a time
+    (``LoraModule.float32``) by a build that frees each module once merged: the inputs of a merge
+    then take half the memory until their turn comes.
 
     The bytes decoded are hashed as they are read and compared with the content digest the plan
     resolved (local and S3 sources): a file rewritten between plan and build is Aborted (retryable),
@@ -513,7 +529,9 @@ def load_adapter(
     for module, (key_a, key_b) in modules.items():
         factors = []
         for key in (key_a, key_b):
-            t = tensors.pop(key).to(device=device).to(torch.float32)
+            t = tensors.pop(key).to(device=device)
+            if not (keep_16bit and t.dtype in (torch.float16, torch.bfloat16)):
+                t = t.to(torch.float32)
             if not all_finite(t):
                 bad = int((~torch.isfinite(t)).sum())
                 raise _err(

@@ -273,7 +273,9 @@ class Merger:
             progress("load", 0, len(order))
         adapters: list[LoraAdapter] = []
         for n, i in enumerate(order):
-            adapters.append(load_adapter(plan.sources[i], device, field=f"spec.adapters[{i}]"))
+            adapters.append(
+                load_adapter(plan.sources[i], device, field=f"spec.adapters[{i}]", keep_16bit=True)
+            )
             if progress:
                 progress("load", n + 1, len(order))
         weights = [spec.adapters[i].weight for i in order]
@@ -330,7 +332,9 @@ class Merger:
         stats: list[ModuleStat] = []
         for n, shape in enumerate(plan.modules):
             # Taken out of the adapters: each input module is freed once merged (peak RSS ≈ inputs + output).
+            # 16-bit inputs are widened to float32 here, one module at a time.
             parts = [a.modules.pop(shape.name, None) for a in adapters]
+            parts = [p.float32() if p is not None else None for p in parts]
             self._check_loaded(shape, parts, adapters)
             with torch.no_grad():
                 try:

@@ -156,6 +156,32 @@ def test_half_and_double_weights_load_as_float32(
     assert torch.equal(got, tensors[key].to(torch.float32))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_keep_16bit_keeps_half_factors_as_stored_and_widens_them_exactly(
+    adapter_root: Path, tmp_path: Path, dtype: torch.dtype
+) -> None:
+    """A build keeps 16-bit inputs as stored until their module's turn (half the memory); widened,
+    they are the very factors the float32 load gives. Wider dtypes are decoded to float32 at once."""
+    d = tmp_path / "kept"
+    shutil.copytree(adapter_root / "a", d)
+    save_file(
+        {k: v.to(dtype) for k, v in load_file(d / WEIGHTS_FILE).items()},
+        d / WEIGHTS_FILE,
+        metadata={"format": "pt"},
+    )
+    kept, wide = load_adapter(_src(d), keep_16bit=True), load_adapter(_src(d))
+    assert kept.modules.keys() == wide.modules.keys()
+    half = dtype in (torch.float16, torch.bfloat16)
+    for name, module in kept.modules.items():
+        assert module.A.dtype == module.B.dtype == (dtype if half else torch.float32)
+        widened = module.float32()
+        assert (widened is module) == (not half)
+        assert widened.A.dtype == widened.B.dtype == torch.float32
+        assert torch.equal(widened.A, wide.modules[name].A) and torch.equal(widened.B, wide.modules[name].B)
+        assert widened.scale == wide.modules[name].scale
+    assert kept.nbytes == (wide.nbytes // 2 if half else wide.nbytes)
+
+
 def test_regex_target_modules_and_unprefixed_keys(adapter_root: Path, tmp_path: Path) -> None:
     """PEFT's string form of target_modules is a full-match regex; keys without the PEFT prefix load too."""
     d = tmp_path / "regex"

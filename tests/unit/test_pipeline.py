@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load as load_bytes
+from safetensors.torch import load_file, save_file
 
 from loramerge.errors import FailedPrecondition, InvalidArgument, NotFound
+from merge_service import pipeline
 from merge_service.identity import derived_seed
 from merge_service.merged import MergedAdapter
 from merge_service.module_merge import delta_dense
@@ -295,3 +297,32 @@ def test_an_adapter_rewritten_between_plan_and_build_is_aborted(tmp_path: Path, 
     replanned = merger.plan(spec(("a", 0.5), ("b", 0.5)))
     assert replanned.merge_key != plan.merge_key
     assert merger.build(replanned).data
+
+
+@pytest.mark.parametrize("strategy", ["linear", "ties", "dare_ties", "magnitude_prune"])
+def test_16bit_inputs_kept_until_merged_give_the_bytes_of_a_float32_load(
+    adapter_root: Path, tmp_path: Path, strategy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build keeps bfloat16 inputs as stored and widens each module at its turn: the bytes are
+    those of a build that decodes every input to float32 up front (widening is exact)."""
+    for name in ("a", "c"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_bytes(
+            (adapter_root / name / "adapter_config.json").read_bytes()
+        )
+        tensors = load_file(adapter_root / name / "adapter_model.safetensors")
+        bf16 = {k: v.to(torch.bfloat16) for k, v in tensors.items()}
+        save_file(bf16, tmp_path / name / "adapter_model.safetensors")
+    merger = Merger(SourceResolver(tmp_path), device="cpu")
+    kw = {"density": 0.5} if strategy != "linear" else {}
+    plan = merger.plan(spec(("a", 0.7), ("c", 0.6), strategy=Strategy(strategy), seed=3, **kw))
+    kept = merger.build(plan)
+    seen, load = [], pipeline.load_adapter
+
+    def eager(*args, keep_16bit: bool = False, **kwargs):  # the loader as it was: float32 at once
+        seen.append(keep_16bit)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "load_adapter", eager)
+    assert merger.build(plan).data == kept.data
+    assert seen == [True, True]
