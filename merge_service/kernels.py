@@ -46,15 +46,14 @@ if AVAILABLE:
 
     @_jit
     def random_prune_row(
-        state: np.ndarray, i: int, row: np.ndarray, keep_below: np.uint64, dens: np.float32
+        state: np.ndarray, i: int, row: np.ndarray, keep_below: np.uint64, dens: np.float32, keep: np.ndarray
     ) -> None:  # pragma: no cover - compiled
         """row[c] = row[c] / dens where the next draw of stream i is below ``keep_below``, else 0: the
         draws of ``sfc64_next`` with the state held in registers for the row (a dependency chain of a
-        few cycles per draw instead of a store and reload of the state array)."""
+        few cycles per draw instead of a store and reload of the state array). ``keep``: scratch."""
         a, b, c, counter = state[i, 0], state[i, 1], state[i, 2], state[i, 3]
         zero = np.float32(0.0)
         one = np.uint64(1)
-        keep = np.empty(row.shape[0], dtype=np.bool_)
         for j in range(row.shape[0]):  # the draws: sequential, nothing else in the loop
             tmp = a + b + counter
             counter += one
@@ -65,6 +64,43 @@ if AVAILABLE:
         state[i, 0], state[i, 1], state[i, 2], state[i, 3] = a, b, c, counter
         for j in range(row.shape[0]):  # the division vectorizes once it is out of the draw loop
             row[j] = row[j] / dens if keep[j] else zero
+
+    @_jit
+    def random_prune_pair(
+        state: np.ndarray,
+        i: int,
+        row_i: np.ndarray,
+        row_j: np.ndarray,
+        keep_below: np.uint64,
+        dens: np.float32,
+        keep_i: np.ndarray,
+        keep_j: np.ndarray,
+    ) -> None:  # pragma: no cover - compiled
+        """``random_prune_row`` for streams i and i + 1 at once: two independent dependency chains in one
+        loop, so the core overlaps them (each stream still draws in its own order)."""
+        j = i + 1
+        a0, b0, c0, k0 = state[i, 0], state[i, 1], state[i, 2], state[i, 3]
+        a1, b1, c1, k1 = state[j, 0], state[j, 1], state[j, 2], state[j, 3]
+        zero = np.float32(0.0)
+        one = np.uint64(1)
+        for col in range(row_i.shape[0]):
+            t0 = a0 + b0 + k0
+            t1 = a1 + b1 + k1
+            k0 += one
+            k1 += one
+            a0 = b0 ^ (b0 >> np.uint64(11))
+            a1 = b1 ^ (b1 >> np.uint64(11))
+            b0 = c0 + (c0 << np.uint64(3))
+            b1 = c1 + (c1 << np.uint64(3))
+            c0 = ((c0 << np.uint64(24)) | (c0 >> np.uint64(40))) + t0
+            c1 = ((c1 << np.uint64(24)) | (c1 >> np.uint64(40))) + t1
+            keep_i[col] = t0 < keep_below
+            keep_j[col] = t1 < keep_below
+        state[i, 0], state[i, 1], state[i, 2], state[i, 3] = a0, b0, c0, k0
+        state[j, 0], state[j, 1], state[j, 2], state[j, 3] = a1, b1, c1, k1
+        for col in range(row_i.shape[0]):
+            row_i[col] = row_i[col] / dens if keep_i[col] else zero
+            row_j[col] = row_j[col] / dens if keep_j[col] else zero
 
     @_jit
     def sfc64_raw(state: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
@@ -91,6 +127,65 @@ if AVAILABLE:
         return above, filled
 
     @_jit
+    def combine_row(
+        d: np.ndarray,
+        r: int,
+        weights: np.ndarray,
+        hi: np.ndarray,
+        prune: bool,
+        votes: np.ndarray,
+        disjoint: bool,
+        acc: np.ndarray,
+        count: np.ndarray,
+        out_row: np.ndarray,
+        sq: np.ndarray,
+    ) -> None:  # pragma: no cover - compiled
+        """out_row = the combination of the rows d[i, r] (with ``prune``, entries with |x| <= hi[i] count
+        as zero) under the sign ``votes``; sq[c] += out_row[c]² in float64.
+        Per-column float64 sums keep this loop vectorized (a single running sum would serialize it)."""
+        n = d.shape[0]
+        zero = np.float32(0.0)
+        one = np.float32(1.0)
+        acc[:] = zero
+        if disjoint:
+            count[:] = zero
+            for i in range(n):
+                row = d[i, r]
+                w, hi_i = weights[i], hi[i]
+                for c in range(row.shape[0]):
+                    x = row[c] if (abs(row[c]) > hi_i) | (not prune) else zero
+                    agree = (x > zero) if votes[c] >= zero else (x < zero)
+                    acc[c] += x * w if agree else zero
+                    count[c] += one if agree else zero
+            for c in range(out_row.shape[0]):
+                v = acc[c] / max(count[c], one)
+                out_row[c] = v
+                sq[c] += np.float64(v) * np.float64(v)
+        else:
+            for i in range(n):
+                row = d[i, r]
+                w, hi_i = weights[i], hi[i]
+                for c in range(row.shape[0]):
+                    acc[c] += (row[c] if (abs(row[c]) > hi_i) | (not prune) else zero) * w
+            for c in range(out_row.shape[0]):
+                v = acc[c]
+                out_row[c] = v
+                sq[c] += np.float64(v) * np.float64(v)
+
+    @_jit
+    def add_votes(row: np.ndarray, votes: np.ndarray, frequency: bool) -> None:  # pragma: no cover - compiled
+        """votes += row (frequency: += sign(row))."""
+        zero = np.float32(0.0)
+        one = np.float32(1.0)
+        if frequency:
+            for c in range(row.shape[0]):
+                x = row[c]
+                votes[c] += (one if x > zero else zero) - (one if x < zero else zero)
+        else:
+            for c in range(row.shape[0]):
+                votes[c] += row[c]
+
+    @_jit
     def merge_block(
         d: np.ndarray,
         weights: np.ndarray,
@@ -115,14 +210,23 @@ if AVAILABLE:
         """
         n, rows, cols = d.shape
         zero = np.float32(0.0)
-        one = np.float32(1.0)
         dens = np.float32(density)
         votes = np.empty(cols, dtype=np.float32)
         acc = np.empty(cols, dtype=np.float32)
         count = np.empty(cols, dtype=np.float32)
-        total = 0.0
+        keep_a = np.empty(cols, dtype=np.bool_)
+        keep_b = np.empty(cols, dtype=np.bool_)
+        sq = np.zeros(cols, dtype=np.float64)
+        keep_all = np.zeros(n, dtype=np.float32)  # unused: rows are pruned in place before they are combined
         for r in range(rows):
             votes[:] = zero
+            if prune == 2:
+                i = 0
+                while i + 1 < n:
+                    random_prune_pair(rng, i, d[i, r], d[i + 1, r], keep_below, dens, keep_a, keep_b)
+                    i += 2
+                if i < n:
+                    random_prune_row(rng, i, d[i, r], keep_below, dens, keep_a)
             for i in range(n):
                 row = d[i, r]
                 if prune == 1:
@@ -141,40 +245,9 @@ if AVAILABLE:
                     else:
                         for c in range(cols):
                             row[c] = row[c] if abs(row[c]) > th else zero
-                elif prune == 2:
-                    random_prune_row(rng, i, row, keep_below, dens)
-                if frequency:
-                    for c in range(cols):
-                        x = row[c]
-                        votes[c] += (one if x > zero else zero) - (one if x < zero else zero)
-                else:
-                    for c in range(cols):
-                        votes[c] += row[c]
-            acc[:] = zero
-            if disjoint:
-                count[:] = zero
-                for i in range(n):
-                    row = d[i, r]
-                    w = weights[i]
-                    for c in range(cols):
-                        x = row[c]
-                        agree = (x > zero) if votes[c] >= zero else (x < zero)
-                        acc[c] += x * w if agree else zero
-                        count[c] += one if agree else zero
-                for c in range(cols):
-                    v = acc[c] / max(count[c], one)
-                    out[r, c] = v
-                    total += float(v) * float(v)
-            else:
-                for i in range(n):
-                    row = d[i, r]
-                    w = weights[i]
-                    for c in range(cols):
-                        acc[c] += row[c] * w
-                for c in range(cols):
-                    out[r, c] = acc[c]
-                    total += float(acc[c]) * float(acc[c])
-        return total
+                add_votes(row, votes, frequency)
+            combine_row(d, r, weights, keep_all, False, votes, disjoint, acc, count, out[r], sq)
+        return sq.sum()
 
     @_jit
     def merge_block_banded(
@@ -194,10 +267,12 @@ if AVAILABLE:
         """Magnitude prune and combine with the exact thresholds still unknown but bracketed: adapter i
         keeps |x| > hi[i] and drops |x| <= lo[i]; an entry with some |x_i| in (lo[i], hi[i]] is deferred:
         its flat index (``first`` + row-major offset) and its n values are appended to ``def_idx`` /
-        ``def_vals`` from ``n_def`` on, and ``out`` gets the merge with those values dropped (a
+        ``def_vals`` (n × capacity) from ``n_def`` on, and ``out`` gets the merge with those values dropped (a
         provisional value that ``fix_deferred`` replaces). ``above[i]`` counts |x_i| > hi[i].
         Returns (Σ out², new n_def); an n_def beyond ``def_idx``'s size means it overflowed.
-        Arithmetic per entry is that of ``merge_block``."""
+        Arithmetic per entry is that of ``merge_block``. One pass per adapter row counts, flags, votes
+        and zeroes what lies below the band (a set-aside value at or below lo[i] is dropped whatever the
+        threshold, so storing it as 0 changes nothing); the combination prunes at hi[i] on the fly."""
         n, rows, cols = d.shape
         zero = np.float32(0.0)
         one = np.float32(1.0)
@@ -205,67 +280,71 @@ if AVAILABLE:
         acc = np.empty(cols, dtype=np.float32)
         count = np.empty(cols, dtype=np.float32)
         flag = np.empty(cols, dtype=np.int32)
+        sq = np.zeros(cols, dtype=np.float64)
         cap = def_idx.shape[0]
-        total = 0.0
         for r in range(rows):
             flag[:] = 0
+            votes[:] = zero
             deferred = 0
             for i in range(n):
                 row = d[i, r]
                 lo_i, hi_i = lo[i], hi[i]
                 cnt = 0
                 for c in range(cols):
-                    a = abs(row[c])
-                    cnt += np.int32(1) if a > hi_i else np.int32(0)
+                    x = row[c]
+                    a = abs(x)
+                    kept = a > hi_i
+                    cnt += np.int32(1) if kept else np.int32(0)
                     inside = np.int32(1) if (a > lo_i) & (a <= hi_i) else np.int32(0)
                     flag[c] += inside
                     deferred += inside
+                    p = x if kept else zero
+                    sign = (one if p > zero else zero) - (one if p < zero else zero)
+                    votes[c] += sign if frequency else p
+                    row[c] = x if a > lo_i else zero
                 above[i] += cnt
             for c in range(cols if deferred > 0 else 0):
                 if flag[c] > 0:
                     if n_def < cap:
                         def_idx[n_def] = first + r * cols + c
                         for i in range(n):
-                            def_vals[n_def, i] = d[i, r, c]
+                            def_vals[i, n_def] = d[i, r, c]
                     n_def += 1
-            votes[:] = zero
-            for i in range(n):
-                row = d[i, r]
-                hi_i = hi[i]
-                for c in range(cols):
-                    row[c] = row[c] if abs(row[c]) > hi_i else zero
-                if frequency:
-                    for c in range(cols):
-                        x = row[c]
-                        votes[c] += (one if x > zero else zero) - (one if x < zero else zero)
-                else:
-                    for c in range(cols):
-                        votes[c] += row[c]
-            acc[:] = zero
-            if disjoint:
-                count[:] = zero
-                for i in range(n):
-                    row = d[i, r]
-                    w = weights[i]
-                    for c in range(cols):
-                        x = row[c]
-                        agree = (x > zero) if votes[c] >= zero else (x < zero)
-                        acc[c] += x * w if agree else zero
-                        count[c] += one if agree else zero
-                for c in range(cols):
-                    v = acc[c] / max(count[c], one)
-                    out[r, c] = v
-                    total += float(v) * float(v)
-            else:
-                for i in range(n):
-                    row = d[i, r]
-                    w = weights[i]
-                    for c in range(cols):
-                        acc[c] += row[c] * w
-                for c in range(cols):
-                    out[r, c] = acc[c]
-                    total += float(acc[c]) * float(acc[c])
-        return total, n_def
+            combine_row(d, r, weights, hi, True, votes, disjoint, acc, count, out[r], sq)
+        return sq.sum(), n_def
+
+    @_jit
+    def band_values(
+        def_vals: np.ndarray, n_def: int, i: int, lo: float, hi: float, buf: np.ndarray, filled: int
+    ) -> int:  # pragma: no cover - compiled
+        """Append the |x| in (lo, hi] among adapter i's first ``n_def`` set-aside values to ``buf`` from
+        ``filled`` on; return the new fill (branch-free, as ``scan_band``)."""
+        lo32, hi32 = np.float32(lo), np.float32(hi)
+        last = buf.shape[0] - 1
+        for j in range(n_def):
+            a = abs(def_vals[i, j])
+            buf[min(filled, last)] = a
+            filled += (a > lo32) & (a <= hi32)
+        return filled
+
+    @_jit
+    def kth_largest(values: np.ndarray, k: int) -> tuple[float, int]:  # pragma: no cover - compiled
+        """(v, g): v the k-th largest of ``values`` (1 <= k <= size), g how many values exceed it."""
+        m = values.shape[0]
+        v = np.partition(values, m - k)[m - k]
+        greater = 0
+        for j in range(m):
+            greater += values[j] > v
+        return v, greater
+
+    @_jit
+    def count_equal(def_vals: np.ndarray, n_def: int, i: int, value: float) -> int:  # pragma: no cover
+        """How many of adapter i's first ``n_def`` set-aside values have |x| == value."""
+        v32 = np.float32(value)
+        hits = 0
+        for j in range(n_def):
+            hits += abs(def_vals[i, j]) == v32
+        return hits
 
     @_jit
     def fix_deferred(
@@ -286,49 +365,67 @@ if AVAILABLE:
         are known: prune (keep |x| > th, then |x| == th while the quota lasts, in row-major order — every
         entry at a threshold lies in its band, so all are here, in order) and combine exactly as
         ``merge_block``; write into the flat ``out`` and, with ``sketch``, add (new − provisional)·Ω[c] to
-        y[r] (Y = MΩ stays the sketch of the final M). Returns Σ (new² − provisional²) in float64."""
-        n = def_vals.shape[1]
+        y[r] (Y = MΩ stays the sketch of the final M). Returns Σ (new² − provisional²) in float64.
+
+        Chunks of entries are pruned and combined adapter by adapter with selects, so the loops vectorize
+        (an entry at a time, every keep decision is a branch the predictor misses half the time); only
+        the rare entries equal to a threshold take a scalar pass that spends the quota in order."""
+        n = def_vals.shape[0]
         cols = omega.shape[0]
         width = omega.shape[1]
         zero = np.float32(0.0)
         one = np.float32(1.0)
-        p = np.empty(n, dtype=np.float32)
+        chunk = 1024
+        p = np.empty((n, chunk), dtype=np.float32)
+        votes = np.empty(chunk, dtype=np.float32)
+        acc = np.empty(chunk, dtype=np.float32)
+        count = np.empty(chunk, dtype=np.float32)
         delta = 0.0
-        for j in range(n_def):
-            votes = zero
+        for j0 in range(0, n_def, chunk):
+            m = min(chunk, n_def - j0)
+            votes[:m] = zero
             for i in range(n):
-                x = def_vals[j, i]
-                a = abs(x)
-                keep = a > thresholds[i]
-                if a == thresholds[i] and ties_left[i] > 0:
-                    ties_left[i] -= 1
-                    keep = True
-                x = x if keep else zero
-                p[i] = x
-                if frequency:
-                    votes += (one if x > zero else zero) - (one if x < zero else zero)
-                else:
-                    votes += x
-            acc = zero
+                th = thresholds[i]
+                vals = def_vals[i, j0 : j0 + m]
+                kept = p[i, :m]
+                for j in range(m):
+                    x = vals[j]
+                    kept[j] = x if abs(x) > th else zero
+                if ties_left[i] > 0:
+                    for j in range(m):
+                        if abs(vals[j]) == th and ties_left[i] > 0:
+                            ties_left[i] -= 1
+                            kept[j] = vals[j]
+                for j in range(m):
+                    x = kept[j]
+                    sign = (one if x > zero else zero) - (one if x < zero else zero)
+                    votes[j] += sign if frequency else x
+            acc[:m] = zero
             if disjoint:
-                cnt = zero
+                count[:m] = zero
                 for i in range(n):
-                    x = p[i]
-                    agree = (x > zero) if votes >= zero else (x < zero)
-                    acc += x * weights[i] if agree else zero
-                    cnt += one if agree else zero
-                v = acc / max(cnt, one)
+                    w = weights[i]
+                    for j in range(m):
+                        x = p[i, j]
+                        agree = (x > zero) if votes[j] >= zero else (x < zero)
+                        acc[j] += x * w if agree else zero
+                        count[j] += one if agree else zero
+                for j in range(m):
+                    acc[j] = acc[j] / max(count[j], one)
             else:
                 for i in range(n):
-                    acc += p[i] * weights[i]
-                v = acc
-            flat = def_idx[j]
-            old = out[flat]
-            out[flat] = v
-            delta += float(v) * float(v) - float(old) * float(old)
-            change = v - old
-            if sketch and change != zero:
-                r, c = flat // cols, flat % cols
-                for t in range(width):
-                    y[r, t] += change * omega[c, t]
+                    w = weights[i]
+                    for j in range(m):
+                        acc[j] += p[i, j] * w
+            for j in range(m):
+                v = acc[j]
+                flat = def_idx[j0 + j]
+                old = out[flat]
+                out[flat] = v
+                delta += float(v) * float(v) - float(old) * float(old)
+                change = v - old
+                if sketch and change != zero:
+                    r, c = flat // cols, flat % cols
+                    for t in range(width):
+                        y[r, t] += change * omega[c, t]
         return delta

@@ -331,10 +331,10 @@ def _banded_merge(
     Each adapter's k-th magnitude is bracketed by a sampled band (lo_i, hi_i]. One blocked pass forms
     the ΔW_i blocks, keeps |x| > hi_i, drops |x| <= lo_i, counts the entries above each band, merges,
     sketches, and sets aside every entry with some |x_i| inside its band (a few per cent) with its n
-    values. The exact thresholds then come from those values alone (``band_threshold``), and the set-aside
-    entries are merged with them and patched into M, ‖M‖² and MΩ (``kernels.fix_deferred``). The result
-    equals ``strategy.fn`` on the dense ΔW_i entry for entry. None: not worth it (small matrices) or a
-    band missed; the caller then takes the two-pass route.
+    values. The exact thresholds then come from those values alone (``kernels.kth_largest``), and the
+    set-aside entries are merged with them and patched into M, ‖M‖² and MΩ (``kernels.fix_deferred``).
+    The result equals ``strategy.fn`` on the dense ΔW_i entry for entry. None: not worth it (small
+    matrices) or a band missed; the caller then takes the two-pass route.
 
     The rows are cut into BANDED_GROUPS contiguous groups, each with its own set-aside list, run on up to
     torch's thread count of worker threads (one intra-op thread each: the kernels are single-threaded).
@@ -372,7 +372,7 @@ def _banded_merge(
             continue
         entries = (part[-1][1] - part[0][0]) * d_in
         cap = int(1.5 * min(1.0, n * fraction) * entries) + 4096
-        idx, vals = np.empty(cap, dtype=np.int64), np.empty((cap, n), dtype=np.float32)
+        idx, vals = np.empty(cap, dtype=np.int64), np.empty((n, cap), dtype=np.float32)
         groups.append(_Group(part, idx, vals, np.zeros(n, dtype=np.int64)))
 
     def scan(group: _Group) -> None:
@@ -404,17 +404,19 @@ def _banded_merge(
     for g in groups:
         g.ties = np.zeros(n, dtype=np.int64)
     if 0 < k < size:
-        vals = [torch.from_numpy(g.def_vals[: g.n_def]) for g in groups]
+        buf = np.empty(sum(g.n_def for g in groups) + 1, dtype=np.float32)
         for i in range(n):
-            mag = torch.cat([v[:, i] for v in vals]).abs()
-            inside = mag[(mag > float(lo[i])) & (mag <= float(hi[i]))]
-            t = band_threshold(inside, int(sum(g.above[i] for g in groups)), k)
-            if t is None:
+            filled = 0
+            for g in groups:
+                filled = kernels.band_values(g.def_vals, g.n_def, i, lo[i], hi[i], buf, filled)
+            need = k - int(sum(g.above[i] for g in groups))
+            if not 0 < need <= filled:  # the band missed the k-th largest
                 return None
-            th[i] = t.value
-            left = t.ties
-            for g, v in zip(groups, vals, strict=True):  # the first ties in row order: first groups
-                g.ties[i] = min(left, int((v[:, i].abs() == th[i]).sum()))
+            value, greater = kernels.kth_largest(buf[:filled], need)
+            th[i] = value
+            left = need - greater  # ties to keep at the threshold, the first ones in row order
+            for g in groups:
+                g.ties[i] = min(left, kernels.count_equal(g.def_vals, g.n_def, i, th[i]))
                 left -= int(g.ties[i])
     elif k == 0:
         th[:] = np.inf
