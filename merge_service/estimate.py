@@ -8,8 +8,9 @@ work per module, in FLOPs (d = d_out·d_in entries, R = Σ r_i, n adapters, ℓ 
 - delta, linear, exact:     0 (rank concatenation is a copy)
 - delta, linear, rank k<R:  2·(d_out + d_in)·R² (QR of both stacked factors; the R×R SVD is free)
 - delta, dense strategies:  d·(2·R + 2·ℓ·(2 + 2·q)) + d·n·PASS_FLOPS_PER_ENTRY
-                            (form every ΔW_i once; sketch, q power iterations of two products and the
-                            final projection; prune/sign/merge passes costed as FLOPs per entry)
+                            (form every ΔW_i once; sketch, q power iterations of two products
+                            (``factorize.power_iterations``) and the final projection;
+                            prune/sign/merge passes costed as FLOPs per entry)
 - factors:                  2·(d_out + d_in)·r·n + the QR compression of the result
 
 Calibration (constants below): ``benchmarks/bench_scale.py`` at Llama-3-8B shapes, 4 adapters r16, on
@@ -24,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from merge_service.factorize import DEFAULT_POWER_ITERS, sketch_width
+from merge_service.factorize import power_iterations, sketch_width
 
 # Effective FLOP/s of the merge work (not of a large matmul) per device kind.
 RATE_FLOPS = {"cpu": 30e9, "cuda": 5e12}
@@ -54,7 +55,7 @@ def module_flops(m: ModuleWork, *, dense: bool, linear: bool, factors: bool, ran
         return 0.0
     entries = float(m.d_out) * m.d_in
     width = sketch_width(m.d_out, m.d_in, rank) or min(m.d_out, m.d_in)
-    sketch = 2.0 * width * (2 + 2 * DEFAULT_POWER_ITERS)
+    sketch = 2.0 * width * (2 + 2 * power_iterations(m.d_out, m.d_in))
     return entries * (2.0 * total_r + sketch + PASS_FLOPS_PER_ENTRY * len(present))
 
 

@@ -65,7 +65,15 @@ def compress_factors(B: torch.Tensor, A: torch.Tensor, k: int) -> Factors:
     return Factors(bk.to(B.dtype).contiguous(), ak.to(A.dtype).contiguous(), relative_tail(s, k))
 
 
-DEFAULT_POWER_ITERS = 1
+# Power iterations of the randomized SVD: two below this many entries, one from it on. Small modules get
+# the second for little cost (1.003x against 1.011x the optimum at TinyLlama shapes); from 4096 x 4096 on
+# one is within 1.004x, and a second would read the matrix twice more.
+SECOND_ITERATION_BELOW = 1 << 24
+
+
+def power_iterations(d_out: int, d_in: int) -> int:
+    """Power iterations q for a d_out × d_in matrix: 2 below SECOND_ITERATION_BELOW entries, else 1."""
+    return 2 if d_out * d_in < SECOND_ITERATION_BELOW else 1
 
 
 def sketch_width(d_out: int, d_in: int, k: int, oversample: int | None = None) -> int | None:
@@ -87,7 +95,7 @@ def randomized_svd(
     k: int,
     omega: torch.Tensor,
     *,
-    power_iters: int = DEFAULT_POWER_ITERS,
+    power_iters: int = 1,
     y: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Range finder with power iterations, then an exact SVD of the small projection (Halko et al.).
@@ -109,7 +117,7 @@ def truncate_dense(
     *,
     seed: int = 0,
     oversample: int | None = None,
-    power_iters: int = DEFAULT_POWER_ITERS,
+    power_iters: int | None = None,
     randomized: bool | None = None,
     sketch: tuple[torch.Tensor, torch.Tensor] | None = None,
     total_sq: float | None = None,
@@ -119,9 +127,12 @@ def truncate_dense(
     k ≥ min(d_out, d_in) is exact with no SVD at all: B = M, A = I (or B = I, A = M); M is copied.
     Otherwise the SVD is randomized when the sketch is well below min(d_out, d_in) (the error is then
     within a hair of the optimum; see the benchmark), and exact otherwise. ``sketch`` = (Ω, MΩ) and
-    ``total_sq`` = ‖M‖² let a caller that streamed M block by block skip those passes.
+    ``total_sq`` = ‖M‖² let a caller that streamed M block by block skip those passes. ``power_iters``
+    defaults to ``power_iterations(d_out, d_in)``.
     """
     d_out, d_in = m.shape
+    if power_iters is None:
+        power_iters = power_iterations(d_out, d_in)
     if k >= d_in and d_in <= d_out:
         return Factors(m.clone(), torch.eye(d_in, dtype=m.dtype, device=m.device), 0.0)
     if k >= d_out:

@@ -216,10 +216,12 @@ def disjoint_merge(pruned: torch.Tensor, weights: torch.Tensor, sign: torch.Tens
 
 
 def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """Σ w_i T_i, accumulated in the given order (callers fix the order for reproducible bytes)."""
+    """Σ w_i T_i, accumulated in the given order (callers fix the order for reproducible bytes).
+    Each w_i T_i is rounded before it is added (``add_(t, alpha=w)`` fuses the two into one rounding
+    on some CPUs), so the result is the fused CPU kernel's to the bit on any device."""
     out = tensors[0] * weights[0]
     for t, w in zip(tensors[1:], weights[1:], strict=True):
-        out.add_(t, alpha=w)
+        out.add_(t * w)
     return out
 
 

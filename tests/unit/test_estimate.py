@@ -31,9 +31,13 @@ def est(layers: int, *, linear: bool, rank: int, factors: bool = False, device: 
 
 def test_dense_merge_flops_follow_the_formula() -> None:
     m = ModuleWork(1000, 800, (16, 8, 0))
-    # d·(2·R + 2·ℓ·(2 + 2q) + 24·n) with R = 24, ℓ = 32, q = 1, n = 2 present
+    # d·(2·R + 2·ℓ·(2 + 2q) + 24·n) with R = 24, ℓ = 32, n = 2 present, q = 2 (a small module)
     assert module_flops(m, dense=True, linear=False, factors=False, rank=16) == pytest.approx(
-        800_000 * (2 * 24 + 2 * 32 * 4 + 24 * 2)
+        800_000 * (2 * 24 + 2 * 32 * 6 + 24 * 2)
+    )
+    big = ModuleWork(4096, 4096, (16, 8, 0))  # from 4096 x 4096 on, q = 1
+    assert module_flops(big, dense=True, linear=False, factors=False, rank=16) == pytest.approx(
+        4096 * 4096 * (2 * 24 + 2 * 32 * 4 + 24 * 2)
     )
     assert module_flops(m, dense=False, linear=True, factors=False, rank=24) == 0.0
     assert module_flops(m, dense=False, linear=True, factors=False, rank=16) == 2 * 1800 * 24 * 24

@@ -72,6 +72,20 @@ def test_blocked_merge_equals_whole_tensor_strategy(
     assert total_sq == pytest.approx(float(want.double().square().sum()), rel=1e-7)
 
 
+@pytest.mark.skipif(not kernels.AVAILABLE, reason="numba is not installed")
+@pytest.mark.parametrize("n", [1, 2, 4])
+@pytest.mark.parametrize("name", ["dare_ties", "dare_linear"])
+def test_kernel_draws_streams_in_pairs_for_any_adapter_count(small_blocks: None, n: int, name: str) -> None:
+    """The kernel draws two adapters' masks in one loop (an odd one alone), each stream in its own order;
+    weights that do not scale exactly (0.7) check that the weighted sum rounds w·T before adding."""
+    ps = parts(4, seed=9)[:n]
+    strategy = strategies.get(name)
+    params = MergeParams(density=0.3, sign_method=SignMethod.TOTAL, seed=5)
+    seeds, weights = [21, 22, 23, 24][:n], [1.0, -0.5, 0.7, 2.0][:n]
+    merged, _, _ = dense_merge(ps, weights, strategy, params, seeds)
+    assert torch.equal(merged, strategy.fn([(p.B * p.scale) @ p.A for p in ps], weights, params, seeds))
+
+
 @pytest.mark.parametrize("density", [0.001, 0.2, 0.5, 0.93])
 def test_sampled_threshold_keeps_exactly_k(small_blocks: None, density: float) -> None:
     (p,) = parts(1, seed=4)
