@@ -313,6 +313,7 @@ class _Group:
     overflow: bool = False
     ties: np.ndarray | None = None  # per adapter: this group's share of the threshold's tie quota
     delta_sq: float = 0.0  # Σ (patched² − provisional²) over its set-aside entries
+    scratch: GroupBuffers | None = None
 
 
 def _banded_merge(
@@ -372,11 +373,12 @@ def _banded_merge(
             continue
         entries = (part[-1][1] - part[0][0]) * d_in
         cap = int(1.5 * min(1.0, n * fraction) * entries) + 4096
-        idx, vals = np.empty(cap, dtype=np.int64), np.empty((n, cap), dtype=np.float32)
-        groups.append(_Group(part, idx, vals, np.zeros(n, dtype=np.int64)))
+        ws = out.group(len(groups)) if out is not None else GroupBuffers()
+        idx, vals = ws.deferred(cap, n)
+        groups.append(_Group(part, idx, vals, np.zeros(n, dtype=np.int64), scratch=ws))
 
     def scan(group: _Group) -> None:
-        buf = torch.empty(n * max_rows * d_in)
+        buf = group.scratch.blocks(n * max_rows * d_in)
         sums = []
         with intra_op_threads(1):
             for r0, r1 in group.blocks:
@@ -503,12 +505,42 @@ def _fused_blocks(
     return total_sq
 
 
+class GroupBuffers:
+    """The set-aside lists and the ΔW row-block buffer of one row group, kept from module to module:
+    allocated afresh (tens of megabytes per module, from worker threads), they fragmented the heap
+    until peak RSS wandered by half a gigabyte from run to run."""
+
+    def __init__(self) -> None:
+        self._idx = np.empty(0, dtype=np.int64)
+        self._vals = np.empty(0, dtype=np.float32)
+        self._blocks = torch.empty(0)
+
+    def deferred(self, cap: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(indices[cap], values[n, cap]), contiguous, contents undefined."""
+        if self._idx.shape[0] < cap:
+            self._idx = np.empty(cap, dtype=np.int64)
+        if self._vals.shape[0] < n * cap:
+            self._vals = np.empty(n * cap, dtype=np.float32)
+        return self._idx[:cap], self._vals[: n * cap].reshape(n, cap)
+
+    def blocks(self, size: int) -> torch.Tensor:
+        if self._blocks.numel() < size:
+            self._blocks = torch.empty(size)
+        return self._blocks[:size]
+
+
 class Workspace:
     """One reusable buffer for the merged dense matrix of each module: fresh multi-megabyte
-    allocations are page-faulted in on every use, a reused one is not."""
+    allocations are page-faulted in on every use, a reused one is not. Also each row group's buffers."""
 
     def __init__(self) -> None:
         self._buf: torch.Tensor | None = None
+        self._groups: list[GroupBuffers] = []
+
+    def group(self, g: int) -> GroupBuffers:
+        while len(self._groups) <= g:
+            self._groups.append(GroupBuffers())
+        return self._groups[g]
 
     def matrix(self, d_out: int, d_in: int, device: torch.device) -> torch.Tensor:
         n = d_out * d_in
