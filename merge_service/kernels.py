@@ -217,7 +217,6 @@ if AVAILABLE:
         keep_a = np.empty(cols, dtype=np.bool_)
         keep_b = np.empty(cols, dtype=np.bool_)
         sq = np.zeros(cols, dtype=np.float64)
-        keep_all = np.zeros(n, dtype=np.float32)  # unused: rows are pruned in place before they are combined
         for r in range(rows):
             votes[:] = zero
             if prune == 2:
@@ -246,7 +245,47 @@ if AVAILABLE:
                         for c in range(cols):
                             row[c] = row[c] if abs(row[c]) > th else zero
                 add_votes(row, votes, frequency)
-            combine_row(d, r, weights, keep_all, False, votes, disjoint, acc, count, out[r], sq)
+            combine_row(d, r, weights, weights, False, votes, disjoint, acc, count, out[r], sq)
+        return sq.sum()
+
+    @_jit
+    def random_prune_rows(
+        d: np.ndarray,
+        i: int,
+        two: bool,
+        rng: np.ndarray,
+        keep_below: np.uint64,
+        density: float,
+        keep_a: np.ndarray,
+        keep_b: np.ndarray,
+    ) -> None:  # pragma: no cover - compiled
+        """``merge_block``'s random prune of adapter i (and i + 1 with ``two``) alone, over every row of the
+        block: streams are independent, so different adapters' masks can be drawn on different threads,
+        each stream still in row order."""
+        dens = np.float32(density)
+        for r in range(d.shape[1]):
+            if two:
+                random_prune_pair(rng, i, d[i, r], d[i + 1, r], keep_below, dens, keep_a, keep_b)
+            else:
+                random_prune_row(rng, i, d[i, r], keep_below, dens, keep_a)
+
+    @_jit
+    def combine_rows(
+        d: np.ndarray, weights: np.ndarray, disjoint: bool, frequency: bool, r0: int, r1: int, out: np.ndarray
+    ) -> float:  # pragma: no cover - compiled
+        """``merge_block``'s combination of already pruned blocks, for the rows [r0, r1): the rows of one
+        block can be combined on different threads. Returns Σ out² over them.
+        (Split by rows, not columns: a loop over a column range passed in does not vectorize.)"""
+        n, _, cols = d.shape
+        votes = np.empty(cols, dtype=np.float32)
+        acc = np.empty(cols, dtype=np.float32)
+        count = np.empty(cols, dtype=np.float32)
+        sq = np.zeros(cols, dtype=np.float64)
+        for r in range(r0, r1):
+            votes[:] = np.float32(0.0)
+            for i in range(n):
+                add_votes(d[i, r], votes, frequency)
+            combine_row(d, r, weights, weights, False, votes, disjoint, acc, count, out[r], sq)
         return sq.sum()
 
     @_jit

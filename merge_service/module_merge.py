@@ -21,6 +21,7 @@ module contributes zero. A merged module is ``factorize.Factors``: B, A and the 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -479,6 +480,14 @@ def _fused_blocks(
     )
     keep_below = np.uint64(min(math.floor(density * 2.0**64), 2**64 - 1))
     w = np.array(list(weights), dtype=np.float32)
+    disjoint = strategy.combine == Combine.DISJOINT
+    frequency = params.sign_method == SignMethod.FREQUENCY
+    workers = min(torch.get_num_threads(), n)
+    if prune == kernels.PRUNE_RANDOM and workers >= 2:
+        draws = _RandomDraws(rng, keep_below, density)
+        return _random_blocks_threaded(
+            bs, parts, w, draws, disjoint, frequency, blocks, merged, omega, y, workers
+        )
     max_rows = max(r1 - r0 for r0, r1 in blocks)
     buf = torch.empty(n * max_rows * d_in)
     total_sq = 0.0
@@ -496,13 +505,97 @@ def _fused_blocks(
             rng,
             keep_below,
             density,
-            strategy.combine == Combine.DISJOINT,
-            params.sign_method == SignMethod.FREQUENCY,
+            disjoint,
+            frequency,
             block.numpy(),
         )
         if y is not None:
             torch.matmul(block, omega, out=y[r0:r1])
     return total_sq
+
+
+@dataclass(frozen=True)
+class _RandomDraws:
+    """The mask streams of a random prune: SFC64 states (n × 4, advanced in place) and the keep test."""
+
+    rng: np.ndarray
+    keep_below: np.uint64
+    density: float
+
+
+def _random_blocks_threaded(
+    bs: list[torch.Tensor],
+    parts: Sequence[LoraModule],
+    w: np.ndarray,
+    draws: _RandomDraws,
+    disjoint: bool,
+    frequency: bool,
+    blocks: list[tuple[int, int]],
+    merged: torch.Tensor,
+    omega: torch.Tensor | None,
+    y: torch.Tensor | None,
+    workers: int,
+) -> float:
+    """``_fused_blocks`` for a random prune on ``workers`` threads, with the same result.
+
+    The mask draws are serial per stream (SFC64 has no jump-ahead) and cost most of the kernel, so the
+    work is split by adapter, not by row: per block, worker t forms the ΔW_i of its adapter pairs and
+    draws their masks; once every worker is past that point it combines its share of the rows, and
+    sketches the previous block if that one is its turn. Two ΔW buffers alternate, so one barrier per
+    block is enough: a worker forming block b has passed barrier b − 1, which every worker reaches only
+    after it has combined block b − 2, the last reader of that buffer."""
+    n, d_in = len(parts), parts[0].A.shape[1]
+    # (first adapter, paired with the next): a pair draws faster than two streams apart, but every
+    # worker needs a share
+    units = [(i, i + 1 < n) for i in range(0, n, 2)]
+    if len(units) < workers:
+        units = [(i, False) for i in range(n)]
+    max_rows = max(r1 - r0 for r0, r1 in blocks)
+    bufs = [torch.empty(n * max_rows * d_in) for _ in range(2)]
+    barrier = threading.Barrier(workers)
+    sums = [0.0] * workers
+
+    def sketch(b: int) -> None:
+        r0, r1 = blocks[b]
+        if y is not None:
+            torch.matmul(merged[r0:r1], omega, out=y[r0:r1])
+
+    def work(t: int) -> None:
+        keep_a, keep_b = np.empty(d_in, dtype=np.bool_), np.empty(d_in, dtype=np.bool_)
+        total = 0.0
+        try:
+            with intra_op_threads(1):
+                for b, (r0, r1) in enumerate(blocks):
+                    d = bufs[b % 2][: n * (r1 - r0) * d_in].view(n, r1 - r0, d_in)
+                    dn = d.numpy()
+                    for i, two in units[t::workers]:
+                        for j in (i, i + 1) if two else (i,):
+                            torch.matmul(bs[j][r0:r1], parts[j].A, out=d[j])
+                        kernels.random_prune_rows(
+                            dn, i, two, draws.rng, draws.keep_below, draws.density, keep_a, keep_b
+                        )
+                    barrier.wait()
+                    rows = r1 - r0
+                    total += kernels.combine_rows(
+                        dn, w, disjoint, frequency, rows * t // workers, rows * (t + 1) // workers,
+                        merged[r0:r1].numpy(),
+                    )  # fmt: skip
+                    if b > 0 and (b - 1) % workers == t:
+                        sketch(b - 1)
+            sums[t] = total
+        except BaseException:
+            barrier.abort()  # the other workers would wait for this one forever
+            raise
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="random-prune") as pool:
+        futures = [pool.submit(work, t) for t in range(workers)]
+        errors = [f.exception() for f in futures]
+    failed = [e for e in errors if e is not None]
+    if failed:  # the first worker's own error, not the broken barrier it left the others
+        raise next((e for e in failed if not isinstance(e, threading.BrokenBarrierError)), failed[0])
+    with intra_op_threads(1):  # as every other block's sketch: the bytes must not depend on who ran it
+        sketch(len(blocks) - 1)
+    return sum(sums)
 
 
 class GroupBuffers:

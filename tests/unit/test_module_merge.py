@@ -86,6 +86,51 @@ def test_kernel_draws_streams_in_pairs_for_any_adapter_count(small_blocks: None,
     assert torch.equal(merged, strategy.fn([(p.B * p.scale) @ p.A for p in ps], weights, params, seeds))
 
 
+@pytest.mark.skipif(not kernels.AVAILABLE, reason="numba is not installed")
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("n", [2, 3, 4])
+@pytest.mark.parametrize("name", ["dare_ties", "dare_linear"])
+def test_random_prune_on_threads_equals_one_thread(
+    small_blocks: None, threads: int, n: int, name: str
+) -> None:
+    """With two threads or more, workers draw different adapters' masks and combine different rows:
+    the merged matrix and the sketch are those of one thread, entry for entry."""
+    ps = parts(4, seed=7)[:n]
+    strategy = strategies.get(name)
+    params = MergeParams(density=0.4, sign_method=SignMethod.TOTAL, seed=2)
+    seeds, weights = [31, 32, 33, 34][:n], [0.9, -0.7, 1.3, 0.6][:n]
+    omega = torch.randn(200, 7, generator=torch.Generator().manual_seed(1))
+    one, one_sq, one_y = dense_merge(ps, weights, strategy, params, seeds, omega=omega)
+    calls = []
+    real = module_merge._random_blocks_threaded
+    torch.set_num_threads(threads)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(module_merge, "_random_blocks_threaded", lambda *a: calls.append(a[-1]) or real(*a))
+            many, many_sq, many_y = dense_merge(ps, weights, strategy, params, seeds, omega=omega)
+    finally:
+        torch.set_num_threads(1)
+    assert calls == [min(threads, n)]
+    assert torch.equal(many, one) and torch.equal(many_y, one_y)
+    assert torch.equal(many, strategy.fn([(p.B * p.scale) @ p.A for p in ps], weights, params, seeds))
+    assert many_sq == pytest.approx(one_sq, rel=1e-12)
+
+
+@pytest.mark.skipif(not kernels.AVAILABLE, reason="numba is not installed")
+def test_a_failing_worker_fails_the_merge_without_hanging(small_blocks: None, monkeypatch) -> None:
+    real = kernels.random_prune_rows
+
+    def fail_on_third(d, i, *args):  # type: ignore[no-untyped-def]
+        if i == 2:
+            raise MemoryError("no room for the masks")
+        return real(d, i, *args)
+
+    monkeypatch.setattr(kernels, "random_prune_rows", fail_on_third)
+    torch.set_num_threads(2)
+    with pytest.raises(MemoryError, match="no room"):
+        dense_merge(parts(4), [1.0] * 4, strategies.get("dare_ties"), MergeParams(0.5), [1, 2, 3, 4])
+
+
 @pytest.mark.parametrize("density", [0.001, 0.2, 0.5, 0.93])
 def test_sampled_threshold_keeps_exactly_k(small_blocks: None, density: float) -> None:
     (p,) = parts(1, seed=4)
