@@ -367,6 +367,19 @@ if AVAILABLE:
         return filled
 
     @_jit
+    def sampled_magnitudes(
+        bs: np.ndarray, at: np.ndarray, idx: np.ndarray, out: np.ndarray
+    ) -> None:  # pragma: no cover - compiled
+        """out[j] = |(Bs·A)[idx[j] // d_in, idx[j] % d_in]| = |Σ_r Bs[row, r]·Aᵀ[col, r]| (``at`` = Aᵀ)."""
+        d_in, rank = at.shape
+        for j in range(idx.shape[0]):
+            row, col = idx[j] // d_in, idx[j] % d_in
+            s = np.float32(0.0)
+            for r in range(rank):
+                s += bs[row, r] * at[col, r]
+            out[j] = abs(s)
+
+    @_jit
     def kth_largest(values: np.ndarray, k: int) -> tuple[float, int]:  # pragma: no cover - compiled
         """(v, g): v the k-th largest of ``values`` (1 <= k <= size), g how many values exceed it."""
         m = values.shape[0]
