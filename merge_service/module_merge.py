@@ -25,6 +25,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -47,6 +48,9 @@ from merge_service.strategies import (
     weighted_sum,
 )
 from merge_service.threads import intra_op_threads
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 # Elements per adapter per row block on the CPU (256 KiB of float32): the n blocks stay in L2.
 BLOCK_ELEMENTS = 1 << 16
@@ -416,20 +420,30 @@ def _banded_merge(
     for g in groups:
         g.ties = np.zeros(n, dtype=np.int64)
     if 0 < k < size:
-        buf = np.empty(sum(g.n_def for g in groups) + 1, dtype=np.float32)
-        for i in range(n):
-            filled = 0
-            for g in groups:
-                filled = kernels.band_values(g.def_vals, g.n_def, i, lo[i], hi[i], buf, filled)
-            need = k - int(sum(g.above[i] for g in groups))
-            if not 0 < need <= filled:  # the band missed the k-th largest
-                return None
-            value, greater = kernels.kth_largest(buf[:filled], need)
-            th[i] = value
-            left = need - greater  # ties to keep at the threshold, the first ones in row order
-            for g in groups:
-                g.ties[i] = min(left, kernels.count_equal(g.def_vals, g.n_def, i, th[i]))
-                left -= int(g.ties[i])
+        workers = min(torch.get_num_threads(), n)
+        room = sum(g.n_def for g in groups) + 1
+        bufs = [(out.group(t) if out is not None else GroupBuffers()).band(room) for t in range(workers)]
+
+        def thresholds(t: int) -> bool:
+            """The exact thresholds of adapters t, t + workers, … (False: a band missed the k-th largest)."""
+            buf = bufs[t]
+            for i in range(t, n, workers):
+                filled = 0
+                for g in groups:
+                    filled = kernels.band_values(g.def_vals, g.n_def, i, lo[i], hi[i], buf, filled)
+                need = k - int(sum(g.above[i] for g in groups))
+                if not 0 < need <= filled:
+                    return False
+                value, greater = kernels.kth_largest(buf[:filled], need)
+                th[i] = value
+                left = need - greater  # ties to keep at the threshold, the first ones in row order
+                for g in groups:
+                    g.ties[i] = min(left, kernels.count_equal(g.def_vals, g.n_def, i, th[i]))
+                    left -= int(g.ties[i])
+            return True
+
+        if not all(_run_groups(thresholds, list(range(workers)))):
+            return None
     elif k == 0:
         th[:] = np.inf
     sketch = y is not None
@@ -447,16 +461,13 @@ def _banded_merge(
     return merged, total_sq + sum(g.delta_sq for g in groups), y
 
 
-def _run_groups(fn: Callable[[_Group], None], groups: list[_Group]) -> None:
-    """fn(group) for every group, on up to torch's intra-op thread count of threads."""
-    workers = min(torch.get_num_threads(), len(groups))
+def _run_groups(fn: Callable[[T], R], items: list[T]) -> list[R]:
+    """[fn(item) for item in items], on up to torch's intra-op thread count of threads."""
+    workers = min(torch.get_num_threads(), len(items))
     if workers <= 1:
-        for g in groups:
-            fn(g)
-        return
+        return [fn(item) for item in items]
     with ThreadPoolExecutor(workers, thread_name_prefix="banded") as pool:
-        for f in [pool.submit(fn, g) for g in groups]:
-            f.result()
+        return [f.result() for f in [pool.submit(fn, item) for item in items]]
 
 
 def _fused_blocks(
@@ -608,7 +619,8 @@ def _random_blocks_threaded(
 
 
 class GroupBuffers:
-    """The set-aside lists and the ΔW row-block buffer of one row group, kept from module to module:
+    """The set-aside lists and the ΔW row-block buffer of one row group (and the in-band values of
+    one threshold worker), kept from module to module:
     allocated afresh (tens of megabytes per module, from worker threads), they fragmented the heap
     until peak RSS wandered by half a gigabyte from run to run."""
 
@@ -616,6 +628,7 @@ class GroupBuffers:
         self._idx = np.empty(0, dtype=np.int64)
         self._vals = np.empty(0, dtype=np.float32)
         self._blocks = torch.empty(0)
+        self._band = np.empty(0, dtype=np.float32)
 
     def deferred(self, cap: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(indices[cap], values[n, cap]), contiguous, contents undefined."""
@@ -624,6 +637,12 @@ class GroupBuffers:
         if self._vals.shape[0] < n * cap:
             self._vals = np.empty(n * cap, dtype=np.float32)
         return self._idx[:cap], self._vals[: n * cap].reshape(n, cap)
+
+    def band(self, size: int) -> np.ndarray:
+        """float32[size], contents undefined: the in-band values of one adapter at a time."""
+        if self._band.shape[0] < size:
+            self._band = np.empty(size, dtype=np.float32)
+        return self._band[:size]
 
     def blocks(self, size: int) -> torch.Tensor:
         if self._blocks.numel() < size:

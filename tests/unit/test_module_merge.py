@@ -181,13 +181,16 @@ def test_kernel_sfc64_is_numpys_stream() -> None:
 
 @pytest.mark.parametrize("name", ["ties", "magnitude_prune"])
 @pytest.mark.parametrize("density", [0.0005, 0.3, 0.9])
+@pytest.mark.parametrize("threads", [1, 3])
 def test_one_pass_banded_merge_is_taken_and_exact(
-    small_blocks: None, monkeypatch: pytest.MonkeyPatch, name: str, density: float
+    small_blocks: None, monkeypatch: pytest.MonkeyPatch, name: str, density: float, threads: int
 ) -> None:
-    """The one-pass magnitude merge (deferred band entries) runs, equals the strategy, and keeps MΩ."""
+    """The one-pass magnitude merge (deferred band entries) runs, equals the strategy, and keeps MΩ;
+    with threads, the row groups and the four exact thresholds are shared among workers."""
     if not kernels.AVAILABLE:
         pytest.skip("numba is not installed")
     taken = banded_calls(monkeypatch)
+    torch.set_num_threads(threads)
     ps = parts(4, seed=7)
     strategy = strategies.get(name)
     params = MergeParams(density=density)
