@@ -23,7 +23,7 @@ from merge_service.spec import MergeSpec, f32
 __all__ = ["ALGORITHM_VERSION", "canonical", "derived_seed", "encode", "f32", "merge_key"]
 
 # Bump whenever a change in the math or the output format changes the bytes for the same request.
-ALGORITHM_VERSION = 3
+ALGORITHM_VERSION = 4
 
 
 def canonical(spec: MergeSpec, digests: Sequence[str], rank: int, *, with_seed: bool = True) -> dict:

@@ -162,8 +162,9 @@ def sampled_band(bs: torch.Tensor, a: torch.Tensor, k: int, seed: int) -> Band:
 
     With q = 1 − k/n the band spans the sample quantiles q ± (6·sqrt(q(1−q)/s) + 2/s) (s: sample size):
     six standard errors of a sample quantile, so the true order statistic misses it about once in 10⁹.
-    The band only decides which entries are looked at twice, never the result: its arithmetic is free to
-    differ between the numba and torch paths.
+    The band never changes the merged matrix, but it does decide which entries the banded merge sets
+    aside, and MΩ is patched from their provisional values, so its last bits (and the factors') follow
+    the band: the sampling arithmetic is part of the algorithm version.
     """
     d_in = a.shape[1]
     n = bs.shape[0] * d_in
