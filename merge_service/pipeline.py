@@ -21,7 +21,6 @@ import math
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -264,41 +263,21 @@ class Merger:
         return tuple(out)
 
     # ------------------------------------------------------------------------------------ build
-    def _load_adapters(
-        self, plan: Plan, order: tuple[int, ...], device: str, progress: Progress | None
-    ) -> list[LoraAdapter]:
-        """The adapters in merge order, read on up to torch's thread count of threads: reading, hashing
-        and checking a file release the GIL, and a build of large adapters otherwise spends a tenth of
-        its time here on one core. A failure is the first adapter's in merge order, whatever finished
-        first, so the same bad spec always gets the same error."""
-
-        def load(i: int) -> LoraAdapter:
-            return load_adapter(plan.sources[i], device, field=f"spec.adapters[{i}]", keep_16bit=True)
-
-        if progress:
-            progress("load", 0, len(order))
-        workers = min(torch.get_num_threads(), len(order))
-        if workers <= 1:
-            loaded = []
-            for n, i in enumerate(order):
-                loaded.append(load(i))
-                if progress:
-                    progress("load", n + 1, len(order))
-            return loaded
-        with ThreadPoolExecutor(workers, thread_name_prefix="load") as pool:
-            futures = [pool.submit(load, i) for i in order]
-            for n, _ in enumerate(as_completed(futures)):
-                if progress:
-                    progress("load", n + 1, len(order))
-        return [f.result() for f in futures]
-
     def build(self, plan: Plan, progress: Progress | None = None) -> MergedAdapter:
         """Load the adapters and merge module by module. Same plan ⇒ byte-identical ``data``."""
         t0 = time.perf_counter()
         device = pick_device(self.device)
         spec = plan.spec
         order = plan.order or tuple(range(len(plan.sources)))
-        adapters = self._load_adapters(plan, order, device, progress)
+        if progress:
+            progress("load", 0, len(order))
+        adapters: list[LoraAdapter] = []
+        for n, i in enumerate(order):
+            adapters.append(
+                load_adapter(plan.sources[i], device, field=f"spec.adapters[{i}]", keep_16bit=True)
+            )
+            if progress:
+                progress("load", n + 1, len(order))
         weights = [spec.adapters[i].weight for i in order]
         keys = _adapter_keys([plan.sources[i].digest for i in order])
 

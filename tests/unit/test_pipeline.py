@@ -326,35 +326,3 @@ def test_16bit_inputs_kept_until_merged_give_the_bytes_of_a_float32_load(
     monkeypatch.setattr(pipeline, "load_adapter", eager)
     assert merger.build(plan).data == kept.data
     assert seen == [True, True]
-
-
-def test_loads_on_threads_count_progress_and_fail_on_the_first_adapter_in_merge_order(
-    tmp_path: Path, tiny_llama: Path
-) -> None:
-    """Adapters are read on two threads; whichever finishes first, the error is that of the first bad
-    adapter in merge order, and the load progress still counts 0 … n."""
-    import shutil
-
-    from loramerge.errors import Aborted
-
-    root = tmp_path / "adapters"
-    for j, name in enumerate("abc"):
-        make_adapter(root / name, tiny_llama, r=4, alpha=8, seed=j + 1)
-    merger = Merger(SourceResolver(root), device="cpu")
-    plan = merger.plan(spec(("a", 0.5), ("b", 0.25), ("c", 1.0)))
-    prev = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        progress: list[tuple[str, int, int]] = []
-        merger.build(plan, progress=lambda *p: progress.append(p))
-        assert [p for p in progress if p[0] == "load"] == [("load", n, 3) for n in range(4)]
-        for j, name in enumerate("bc"):
-            shutil.rmtree(root / name)
-            make_adapter(root / name, tiny_llama, r=4, alpha=8, seed=10 + j)
-        first = next(i for i in plan.order if i in (1, 2))
-        for _ in range(5):
-            with pytest.raises(Aborted) as info:
-                merger.build(plan)
-            assert info.value.field == f"spec.adapters[{first}]"
-    finally:
-        torch.set_num_threads(prev)
