@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,17 +38,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loramerge.v1 import inference_pb2_grpc, merge_pb2_grpc
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 ENGINE_START_TIMEOUT_S = 300  # vLLM start-up on a busy two-core machine
 MAX_LORA_RANK = 16
-
-
-def free_port() -> int:
-    """A port that was free a moment ago (for HTTP /metrics, whose 0 means "off")."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
 from collections import Counter
@@ -16,13 +15,8 @@ import pytest
 
 from loramerge.errors import LoramergeError
 from loramerge_client import MergeClient
+from tests.ports import free_port
 from tests.service.test_merge_sigterm import start_service
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_rolling_restart_on_the_same_port_fails_no_call(adapter_root: Path, tmp_path: Path) -> None:

@@ -4,19 +4,13 @@ rolling restart on one host); without it a second bind of a port in use fails, a
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
 
 from inference_service.dataplane import DataPlane
 from inference_service.http_server import HttpFrontEnd, HttpOptions
 from loramerge_common.server import GrpcServer, ServerSettings
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.ports import free_port
 
 
 def http(port: int, reuse_port: bool) -> HttpFrontEnd:
