@@ -9,22 +9,20 @@ Where the merge came from is recorded twice:
 - in a sidecar ``loramerge.json`` written beside the two PEFT files: the same plus the request as
   asked (adapter ids, revisions, max_rank).
 
-The safetensors bytes are deterministic: tensors in sorted-name order, fixed metadata.
+The safetensors bytes are deterministic: tensors in sorted-name order, fixed metadata
+(``safetensors_file.py`` lays them out and fills them in place).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from loramerge.errors import FailedPrecondition
@@ -34,7 +32,6 @@ from merge_service.spec import Dtype
 
 PEFT_PREFIX = "base_model.model."
 SIDECAR_FILE = "loramerge.json"
-METADATA = {"format": "pt"}
 
 TORCH_DTYPES: dict[Dtype, torch.dtype] = {
     Dtype.FLOAT32: torch.float32,
@@ -79,65 +76,6 @@ def adapter_config(
 
 def config_json(config: Mapping[str, Any]) -> str:
     return json.dumps(config, indent=2, sort_keys=True) + "\n"
-
-
-_DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
-
-
-def _safetensors_pieces(
-    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
-) -> list[bytes | np.ndarray]:
-    """The file as a list of buffers: the length, the header, then the tensors' own storage (no copy)."""
-    header: dict[str, Any] = {
-        "__metadata__": {k: str(v) for k, v in sorted({**METADATA, **(metadata or {})}.items())}
-    }
-    views = []
-    offset = 0
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        raw = t.reshape(-1).view(torch.uint8).numpy()
-        header[name] = {
-            "dtype": _DTYPE_NAMES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + raw.nbytes],
-        }
-        views.append(raw)
-        offset += raw.nbytes
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode()
-    text += b" " * (-len(text) % 8)
-    return [len(text).to_bytes(8, "little"), text, *views]
-
-
-def safetensors_bytes(
-    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
-) -> bytes:
-    """The adapter_model.safetensors bytes, serialized here so that every byte is fixed: the header
-    lists ``__metadata__`` then tensors in sorted-name order (safetensors' own writer keeps metadata in
-    a hash map, whose order varies), data in the same order, the header padded with spaces to 8 bytes.
-    Each tensor byte is copied once, into the result."""
-    return b"".join(_safetensors_pieces(tensors, metadata))
-
-
-def safetensors_bytes_and_sha256(
-    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, *, threads: int = 1
-) -> tuple[bytes, str]:
-    """``safetensors_bytes`` and their hex sha256; with two threads or more the pieces are hashed on a
-    second thread while they are joined (hashlib and the copy both release the GIL)."""
-    pieces = _safetensors_pieces(tensors, metadata)
-
-    def digest() -> str:
-        h = hashlib.sha256()
-        for piece in pieces:
-            h.update(piece)
-        return h.hexdigest()
-
-    if threads < 2:
-        data = b"".join(pieces)
-        return data, hashlib.sha256(data).hexdigest()
-    with ThreadPoolExecutor(1, thread_name_prefix="sha256") as pool:
-        hashed = pool.submit(digest)
-        data = b"".join(pieces)
-        return data, hashed.result()
 
 
 def _fsync_write(path: Path, data: bytes) -> None:

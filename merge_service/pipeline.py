@@ -49,9 +49,9 @@ from merge_service.output import (
     TORCH_DTYPES,
     adapter_config,
     config_json,
-    safetensors_bytes_and_sha256,
     tensor_names,
 )
+from merge_service.safetensors_file import SafetensorsFile, TensorEntry
 from merge_service.sources.base import ResolvedSource
 from merge_service.spec import AdapterRef, MergeSpec, Space
 from merge_service.strategies import MergeParams
@@ -282,16 +282,16 @@ class Merger:
         keys = _adapter_keys([plan.sources[i].digest for i in order])
 
         small = device == "cpu" and max(m.d_out * m.d_in for m in plan.modules) <= SMALL_MODULE_ELEMENTS
-        with intra_op_threads(1 if small else None):
-            tensors, stats = self._merge_modules(plan, adapters, weights, keys, progress)
-        del adapters
         canonical_spec = encode(canonical(spec, [src.digest for src in plan.sources], plan.rank)).decode()
-        data, sha256 = safetensors_bytes_and_sha256(
-            tensors,
-            {"loramerge.merge_key": plan.merge_key, "loramerge.canonical_spec": canonical_spec},
-            threads=torch.get_num_threads(),
-        )
-        del tensors
+        metadata = {"loramerge.merge_key": plan.merge_key, "loramerge.canonical_spec": canonical_spec}
+        # The file is laid out from the plan and each module written into its place as it is merged.
+        with (
+            SafetensorsFile(output_entries(plan), metadata, hash_thread=torch.get_num_threads() > 1) as out,
+            intra_op_threads(1 if small else None),
+        ):
+            stats = self._merge_modules(plan, adapters, weights, keys, out, progress)
+            del adapters
+            data, sha256 = out.finish()
         config = adapter_config(
             rank=plan.rank,
             modules=[m.name for m in plan.modules],
@@ -317,8 +317,9 @@ class Merger:
         adapters: list[LoraAdapter],
         weights: list[float],
         keys: list[str],
+        out: SafetensorsFile,
         progress: Progress | None,
-    ) -> tuple[dict[str, torch.Tensor], list[ModuleStat]]:
+    ) -> list[ModuleStat]:
         spec = plan.spec
         strategy = strategies.get(spec.strategy)
         params = MergeParams(
@@ -326,9 +327,7 @@ class Merger:
             sign_method=spec.sign_method,
             seed=spec.seed or 0,
         )
-        out_dtype = TORCH_DTYPES[spec.dtype]
         workspace = Workspace()
-        tensors: dict[str, torch.Tensor] = {}
         stats: list[ModuleStat] = []
         for n, shape in enumerate(plan.modules):
             # Taken out of the adapters: each input module is freed once merged (peak RSS ≈ inputs + output).
@@ -347,13 +346,16 @@ class Merger:
                     raise overflow_error(spec, shape.name, "the merged update ΔW", None) from e
                 B, A = pad_rank(result, plan.rank)
             name_a, name_b = tensor_names(shape.name)
-            tensors[name_a] = A.to(device="cpu", dtype=out_dtype)
-            tensors[name_b] = B.to(device="cpu", dtype=out_dtype)
-            check_representable(spec, shape.name, B, A, tensors[name_b], tensors[name_a])
+            A_out, B_out = out.slot(name_a), out.slot(name_b)
+            A_out.copy_(A)
+            B_out.copy_(B)
+            check_representable(spec, shape.name, B, A, B_out, A_out)
+            out.filled(name_a)
+            out.filled(name_b)
             stats.append(ModuleStat(shape.name, result.rank, float(result.relative_error)))
             if progress:
                 progress("merge", n + 1, len(plan.modules))
-        return tensors, stats
+        return stats
 
     @staticmethod
     def _check_loaded(
@@ -434,6 +436,19 @@ def product_peak(B: torch.Tensor, A: torch.Tensor, limit: float, block_elements:
     return max(float((B[i : i + rows] @ A).abs().max()) for i in range(0, B.shape[0], rows))
 
 
+def output_entries(plan: Plan) -> list[TensorEntry]:
+    """The merged file's tensors: each module's A (rank, d_in) and B (d_out, rank) in the output dtype."""
+    dtype = TORCH_DTYPES[plan.spec.dtype]
+    entries = []
+    for m in plan.modules:
+        name_a, name_b = tensor_names(m.name)
+        entries += [
+            TensorEntry(name_a, dtype, (plan.rank, m.d_in)),
+            TensorEntry(name_b, dtype, (m.d_out, plan.rank)),
+        ]
+    return entries
+
+
 def check_representable(
     spec: MergeSpec, module: str, B: torch.Tensor, A: torch.Tensor, B_out: torch.Tensor, A_out: torch.Tensor
 ) -> None:
@@ -443,7 +458,8 @@ def check_representable(
     merged factors in float32; ``B_out``, ``A_out``: the same cast to the output dtype."""
     if not (all_finite(B) and all_finite(A)):
         raise overflow_error(spec, module, "a merged factor", None)
-    if not (all_finite(B_out) and all_finite(A_out)):
+    # A float32 output is B and A themselves: already checked.
+    if B_out.dtype != B.dtype and not (all_finite(B_out) and all_finite(A_out)):
         peak = max(float(B.abs().max()), float(A.abs().max()))
         raise overflow_error(spec, module, "a merged factor", peak)
     limit = torch.finfo(B_out.dtype).max
