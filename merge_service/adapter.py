@@ -28,13 +28,12 @@ import os
 import re
 import stat
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
 
 from loramerge.errors import (
     Aborted,
@@ -481,6 +480,37 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
+TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def read_tensors(
+    f: BinaryIO, infos: dict[str, TensorInfo], data_start: int, size: int
+) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """Read a checked safetensors file (``read_safetensors_header``) straight into its tensors, one copy
+    from the file each, and its hex sha256 (hashed on a second thread, in file order, while later
+    tensors are read). ``None`` for the tensors when the file is not ``size`` bytes long any more.
+
+    Reading into place, rather than the whole file into one buffer and decoding copies out of it,
+    saves a pass over the file and a file-sized allocation."""
+    h = hashlib.sha256()
+    f.seek(0)
+    h.update(f.read(data_start))
+    tensors: dict[str, torch.Tensor] = {}
+    complete = True
+    with ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:  # one worker: updates stay in order
+        for name, info in sorted(infos.items(), key=lambda kv: kv[1].begin):
+            t = torch.empty(info.shape, dtype=TORCH_DTYPES[info.dtype])
+            raw = t.reshape(-1).view(torch.uint8).numpy()
+            if f.readinto(raw) != raw.nbytes:
+                complete = False
+                break
+            hasher.submit(h.update, raw)
+            tensors[name] = t
+    if not complete or f.read(1):
+        return None, ""
+    return tensors, h.hexdigest()
+
+
 def load_adapter(
     src: ResolvedSource,
     device: str = "cpu",
@@ -511,19 +541,12 @@ def load_adapter(
     with f:
         size = os.fstat(f.fileno()).st_size
         check_size(src.id, size + (src.path / CONFIG_FILE).stat().st_size, max_bytes, field)
-        infos, _ = read_safetensors_header(f, size, src.id, field)
+        infos, data_start = read_safetensors_header(f, size, src.id, field)
         modules = check_structure(infos, config, src.id, field)
-        f.seek(0)
-        data = f.read(size + 1)
-    if len(data) != size:
+        tensors, weights_sha = read_tensors(f, infos, data_start, size)
+    if tensors is None:
         raise _err(InvalidArgument, src.id, f"{WEIGHTS_FILE} changed while it was being read", field)
-    read_digest = content_digest(config_sha, hashlib.sha256(data).hexdigest())
-
-    try:
-        tensors = load_safetensors(data)
-    except (SafetensorError, ValueError, RuntimeError) as e:
-        raise _err(InvalidArgument, src.id, f"{WEIGHTS_FILE} cannot be decoded ({e})", field) from None
-    del data
+    read_digest = content_digest(config_sha, weights_sha)
 
     out: dict[str, LoraModule] = {}
     for module, (key_a, key_b) in modules.items():

@@ -71,13 +71,33 @@ def linear_factors(
     """Rank concatenation: B = [w_i s_i B_i], A = [A_i] so that B·A = Σ w_i s_i B_i A_i exactly."""
     total = sum(p.A.shape[0] for p in parts)
     B = torch.empty(parts[0].B.shape[0], total, dtype=parts[0].B.dtype, device=parts[0].B.device)
+    A = torch.empty(total, parts[0].A.shape[1], dtype=parts[0].A.dtype, device=parts[0].A.device)
+    linear_factors_into(parts, weights, B, A)
+    return B, A
+
+
+def linear_factors_into(
+    parts: Sequence[LoraModule], weights: Sequence[float], B: torch.Tensor, A: torch.Tensor
+) -> int:
+    """``linear_factors`` written into given B (d_out × ≥R) and A (≥R × d_in), R = Σ r_i:
+    B[:, :R] = [w_i s_i B_i], A[:R] = [A_i], the rest zero. Returns R.
+
+    16-bit inputs are first widened into place (exact), then scaled there in the output's dtype, so a
+    float32 output has the same bits as widening, concatenating and scaling separately."""
     off = 0
     for p, w in zip(parts, weights, strict=True):
         r = p.A.shape[0]
-        torch.mul(p.B, w * p.scale, out=B[:, off : off + r])  # written in place: one pass per factor
+        b = B[:, off : off + r]
+        if p.B.dtype == B.dtype and p.B.device == B.device:
+            torch.mul(p.B, w * p.scale, out=b)  # one pass per factor
+        else:
+            b.copy_(p.B)
+            b.mul_(w * p.scale)
+        A[off : off + r].copy_(p.A)
         off += r
-    A = torch.cat([p.A for p in parts], dim=0)
-    return B, A
+    B[:, off:].zero_()
+    A[off:].zero_()
+    return off
 
 
 def factored_norm(B: torch.Tensor, A: torch.Tensor) -> float:

@@ -43,7 +43,7 @@ from merge_service.adapter import (
 from merge_service.estimate import ModuleWork, estimate_build_seconds
 from merge_service.identity import ALGORITHM_VERSION, canonical, derived_seed, encode, merge_key
 from merge_service.merged import MergedAdapter, ModuleStat
-from merge_service.module_merge import Workspace, merge_module, pad_rank
+from merge_service.module_merge import Workspace, linear_factors_into, merge_module, pad_rank
 from merge_service.output import (
     SIDECAR_FILE,
     TORCH_DTYPES,
@@ -328,13 +328,34 @@ class Merger:
             seed=spec.seed or 0,
         )
         workspace = Workspace()
+        # Rank concatenation that keeps every rank: the merged factors are the inputs, scaled.
+        exact_concat = (
+            spec.space == Space.DELTA
+            and strategy.linear
+            and all(plan.rank >= sum(m.ranks) for m in plan.modules)
+        )
         stats: list[ModuleStat] = []
         for n, shape in enumerate(plan.modules):
             # Taken out of the adapters: each input module is freed once merged (peak RSS ≈ inputs + output).
             # 16-bit inputs are widened to float32 here, one module at a time.
             parts = [a.modules.pop(shape.name, None) for a in adapters]
-            parts = [p.float32() if p is not None else None for p in parts]
             self._check_loaded(shape, parts, adapters)
+            name_a, name_b = tensor_names(shape.name)
+            A_out, B_out = out.slot(name_a), out.slot(name_b)
+            if exact_concat and B_out.dtype == torch.float32:
+                # Straight from the 16-bit inputs into the file: no float32 copy of the inputs, no result
+                # tensors (the bytes are the same as the general path's).
+                present = [(p, w) for p, w in zip(parts, weights, strict=True) if p is not None]
+                with torch.no_grad():
+                    r = linear_factors_into([p for p, _ in present], [w for _, w in present], B_out, A_out)
+                check_representable(spec, shape.name, B_out, A_out, B_out, A_out)
+                out.filled(name_a)
+                out.filled(name_b)
+                stats.append(ModuleStat(shape.name, r, 0.0))
+                if progress:
+                    progress("merge", n + 1, len(plan.modules))
+                continue
+            parts = [p.float32() if p is not None else None for p in parts]
             with torch.no_grad():
                 try:
                     result = merge_module(
@@ -345,8 +366,6 @@ class Merger:
                         raise
                     raise overflow_error(spec, shape.name, "the merged update ΔW", None) from e
                 B, A = pad_rank(result, plan.rank)
-            name_a, name_b = tensor_names(shape.name)
-            A_out, B_out = out.slot(name_a), out.slot(name_b)
             A_out.copy_(A)
             B_out.copy_(B)
             check_representable(spec, shape.name, B, A, B_out, A_out)
