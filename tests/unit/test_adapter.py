@@ -229,3 +229,31 @@ def test_all_finite_agrees_with_isfinite(value: float, shape: tuple[int, ...]) -
         bad = t.clone()
         bad.view(-1)[pos] = value
         assert not all_finite(bad) and not bool(torch.isfinite(bad).all())
+
+
+def test_read_tensors_matches_the_official_reader_and_hashlib(tmp_path: Path) -> None:
+    import hashlib
+
+    from merge_service.adapter import read_safetensors_header, read_tensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "m.lora_A.weight": torch.randn(3, 5, generator=g).to(torch.bfloat16),
+        "m.lora_B.weight": torch.randn(6, 3, generator=g),
+        "n.lora_A.weight": torch.randn(2, 4, generator=g).double(),
+        "z.empty": torch.zeros(0, 4, dtype=torch.float16),
+    }
+    path = tmp_path / WEIGHTS_FILE
+    save_file(tensors, str(path))
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        infos, start = read_safetensors_header(f, size, "a")
+        got, digest = read_tensors(f, infos, start, size)
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert got is not None and got.keys() == load_file(str(path)).keys()
+    assert all(got[k].dtype == t.dtype and torch.equal(got[k], t) for k, t in tensors.items())
+    # The file cut short, or grown, after its header was checked: not the file the header described.
+    for changed in (path.read_bytes()[:-4], path.read_bytes() + b"\0"):
+        path.write_bytes(changed)
+        with open(path, "rb") as f:
+            assert read_tensors(f, infos, start, size) == (None, "")
