@@ -252,6 +252,7 @@ def child(args: argparse.Namespace) -> None:
         "out_bytes": len(built.data),
         "sha256": built.sha256,
         "max_reported_error": built.max_relative_error,
+        "estimate": merger.estimate_seconds(plan),
     }
     if args.errors:
         layers, shapes = args.layers, TINY if args.tiny else LLAMA3_8B
@@ -322,6 +323,7 @@ class ScaleBench:
                 (
                     "strategy",
                     "wall s",
+                    "Plan's estimate s",
                     "÷ read+write floor",
                     "÷ compute floor",
                     "peak RSS GiB",
@@ -412,6 +414,7 @@ def measure(
                 [
                     label,
                     r["seconds"],
+                    f"{r['estimate']:.3g}",
                     f"{r['seconds'] / io_floor:.1f}×",
                     f"{r['seconds'] / compute_s:.1f}×" if dense else "–",
                     r["rss"] / 2**30,
@@ -429,6 +432,7 @@ def measure(
                     [
                         "linear exact, merge service (Merge: files → bytes received)",
                         r["seconds"],
+                        "–",
                         f"{r['seconds'] / io_floor:.1f}×",
                         "–",
                         r["rss"] / 2**30,

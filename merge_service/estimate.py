@@ -14,8 +14,10 @@ work per module, in FLOPs (d = d_out·d_in entries, R = Σ r_i, n adapters, ℓ 
 - factors:                  2·(d_out + d_in)·r·n + the QR compression of the result
 
 Calibration (constants below): ``benchmarks/bench_scale.py`` at Llama-3-8B shapes, 4 adapters r16, on
-a 2-core AMD EPYC (large float32 matmul ≈ 100–130 GFLOP/s on two threads): the dense merges sustain
-about a quarter of that rate; loading decodes about 0.3 GB/s of bfloat16. The GPU rate is a
+a 2-core AMD EPYC (large float32 matmul ≈ 130–175 GFLOP/s on two threads): the dense merges sustain
+about a third of that rate (ties → r16 at 32 layers: 79 s measured on 2026-12-03, 76 s estimated);
+loading reads, hashes and checks about 0.5 GB/s of bfloat16, and the output is written and hashed at
+about 0.8 GB/s. The GPU rate is a
 deliberately cautious figure for one H100/H200 (not yet measured; re-calibrate from device.sh).
 An estimate is meant to size timeouts and progress bars: expect ±2× on other machines or under load.
 """
@@ -28,9 +30,9 @@ from dataclasses import dataclass
 from merge_service.factorize import power_iterations, sketch_width
 
 # Effective FLOP/s of the merge work (not of a large matmul) per device kind.
-RATE_FLOPS = {"cpu": 30e9, "cuda": 5e12}
-LOAD_BYTES_PER_S = {"cpu": 0.3e9, "cuda": 1.0e9}
-WRITE_BYTES_PER_S = {"cpu": 0.5e9, "cuda": 1.0e9}
+RATE_FLOPS = {"cpu": 45e9, "cuda": 5e12}
+LOAD_BYTES_PER_S = {"cpu": 0.5e9, "cuda": 1.0e9}
+WRITE_BYTES_PER_S = {"cpu": 0.8e9, "cuda": 1.0e9}
 # Prune + sign election + disjoint mean, per entry per adapter, counted as FLOPs at RATE_FLOPS.
 PASS_FLOPS_PER_ENTRY = 24.0
 
