@@ -5,7 +5,8 @@ Four synthetic rank-16 adapters (bfloat16 safetensors, lora_alpha 32) on all sev
 dim 128 (k/v out 1024). Each factor pair has a decaying spectrum (B's columns scaled by 0.85^j), as
 trained adapters do. Weights 1.0, 0.8, 0.6, 0.5, density 0.5.
 
-Each strategy is built in its own subprocess (``--child``), so its peak RSS (ru_maxrss) is its own;
+Each strategy is built in its own subprocess (``--child``), so its peak RSS (VmHWM) is its own (not
+ru_maxrss: Linux carries that across fork and exec, so a child of a large parent reports the parent's);
 the time is ``Merger.build`` (load the files, merge, serialize, sha256). Floors measured in the same run:
 - read: reading the four input files once (warm page cache), plus writing the output bytes once;
 - compute: the FLOPs a dense strategy cannot avoid — forming every ΔW_i once (2·r per entry per adapter)
@@ -26,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -234,6 +234,12 @@ def module_errors(plan: Any, built: Any, device: str, modules: list[str]) -> lis
     return found
 
 
+def peak_rss(pid: int) -> int:
+    """Peak resident bytes of process ``pid`` since it started its program (VmHWM)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM"))
+
+
 def child(args: argparse.Namespace) -> None:
     """Build one strategy; print one JSON line: seconds, peak RSS, output bytes, errors."""
     torch.set_num_threads(args.threads)
@@ -245,7 +251,7 @@ def child(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     built = merger.build(plan)
     seconds = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = peak_rss(os.getpid())
     result: dict[str, Any] = {
         "seconds": seconds,
         "rss": rss,
@@ -295,8 +301,7 @@ def service_linear_exact(root: Path, threads: int) -> dict[str, Any]:
                 elif item.WhichOneof("item") == "header":
                     digest = item.header.sha256
             seconds = time.perf_counter() - t0
-        status = Path(f"/proc/{service.proc.pid}/status").read_text()
-        hwm = next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM"))
+        hwm = peak_rss(service.proc.pid)
     finally:
         service.close()
     return {"seconds": seconds, "rss": hwm, "out_bytes": received, "sha256": digest}

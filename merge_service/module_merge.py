@@ -71,9 +71,8 @@ def linear_factors(
     """Rank concatenation: B = [w_i s_i B_i], A = [A_i] so that B·A = Σ w_i s_i B_i A_i exactly."""
     total = sum(p.A.shape[0] for p in parts)
     B = torch.empty(parts[0].B.shape[0], total, dtype=parts[0].B.dtype, device=parts[0].B.device)
-    A = torch.empty(total, parts[0].A.shape[1], dtype=parts[0].A.dtype, device=parts[0].A.device)
-    linear_factors_into(parts, weights, B, A)
-    return B, A
+    _scaled_columns(parts, weights, B)
+    return B, torch.cat([p.A for p in parts], dim=0)
 
 
 def linear_factors_into(
@@ -84,6 +83,18 @@ def linear_factors_into(
 
     16-bit inputs are first widened into place (exact), then scaled there in the output's dtype, so a
     float32 output has the same bits as widening, concatenating and scaling separately."""
+    off = _scaled_columns(parts, weights, B)
+    at = 0
+    for p in parts:
+        A[at : at + p.A.shape[0]].copy_(p.A)
+        at += p.A.shape[0]
+    B[:, off:].zero_()
+    A[off:].zero_()
+    return off
+
+
+def _scaled_columns(parts: Sequence[LoraModule], weights: Sequence[float], B: torch.Tensor) -> int:
+    """B[:, R_<i : R_<i + r_i] = w_i s_i B_i; returns R = Σ r_i."""
     off = 0
     for p, w in zip(parts, weights, strict=True):
         r = p.A.shape[0]
@@ -93,10 +104,7 @@ def linear_factors_into(
         else:
             b.copy_(p.B)
             b.mul_(w * p.scale)
-        A[off : off + r].copy_(p.A)
         off += r
-    B[:, off:].zero_()
-    A[off:].zero_()
     return off
 
 
