@@ -21,6 +21,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -141,6 +142,10 @@ def _output_rank(spec: MergeSpec, modules: tuple[ModuleShape, ...]) -> int:
     return min(default, spec.max_rank) if spec.max_rank else default
 
 
+# Adapters resolved at once by one plan: hub and S3 sources wait on the network, local ones hash files.
+RESOLVE_THREADS = 4
+
+
 class Merger:
     def __init__(self, resolver: SourceResolver, device: str = "auto", max_input_bytes: int | None = None):
         self.resolver = resolver
@@ -153,9 +158,7 @@ class Merger:
         spec.validate()
         spec = spec.normalized()
         fields = [f"spec.adapters[{i}]" for i in range(len(spec.adapters))]
-        sources = tuple(
-            self.resolver.resolve(ref, field=fld) for ref, fld in zip(spec.adapters, fields, strict=True)
-        )
+        sources = self._resolve(spec.adapters, fields)
         configs = [read_config(src.path, src.id, fld) for src, fld in zip(sources, fields, strict=True)]
 
         input_bytes = sum(_file_bytes(src) for src in sources)
@@ -193,6 +196,14 @@ class Merger:
             input_bytes=input_bytes,
             configs=tuple(configs),
         )
+
+    def _resolve(self, refs: tuple[AdapterRef, ...], fields: list[str]) -> tuple[ResolvedSource, ...]:
+        """Resolve the adapters concurrently (downloads and content hashing release the GIL); an error
+        is the first failing adapter's in spec order."""
+        if len(refs) < 2:
+            return tuple(self.resolver.resolve(ref, field=fld) for ref, fld in zip(refs, fields, strict=True))
+        with ThreadPoolExecutor(min(len(refs), RESOLVE_THREADS), thread_name_prefix="resolve") as pool:
+            return tuple(pool.map(lambda ref, fld: self.resolver.resolve(ref, field=fld), refs, fields))
 
     def estimate_seconds(self, plan: Plan) -> float:
         """Estimated seconds to build ``plan`` here (``estimate.estimate_build_seconds``)."""

@@ -217,6 +217,40 @@ def test_bad_weight_and_missing_adapter(merger: Merger) -> None:
         merger.plan(MergeSpec(adapters=()))
 
 
+def test_adapters_resolve_concurrently_and_the_first_failing_one_in_spec_order_is_reported(
+    merger: Merger,
+) -> None:
+    import threading
+    import time
+
+    class Slow:
+        """Resolves adapter 0 slowly and fails it; adapter 2 fails at once; records overlap."""
+
+        def __init__(self, inner: SourceResolver) -> None:
+            self.inner, self.active, self.most = inner, 0, 0
+            self.lock = threading.Lock()
+
+        def resolve(self, ref: AdapterRef, field: str = "adapter"):  # type: ignore[no-untyped-def]
+            with self.lock:
+                self.active += 1
+                self.most = max(self.most, self.active)
+            try:
+                if field == "spec.adapters[0]":
+                    time.sleep(0.2)
+                    raise NotFound("adapter 0 is gone", field=field)
+                if field == "spec.adapters[2]":
+                    raise InvalidArgument("adapter 2 is bad", field=field)
+                return self.inner.resolve(ref, field=field)
+            finally:
+                with self.lock:
+                    self.active -= 1
+
+    slow = Slow(merger.resolver)
+    with pytest.raises(NotFound, match="adapter 0 is gone"):
+        Merger(slow, device="cpu").plan(spec(("a", 1.0), ("b", 1.0), ("a", 0.5)))  # type: ignore[arg-type]
+    assert slow.most >= 2
+
+
 def test_modules_in_some_adapters_only_are_unioned(tmp_path: Path, tiny_llama: Path) -> None:
     make_adapter(tmp_path / "q", tiny_llama, r=4, target_modules=("q_proj",), seed=1)
     make_adapter(
