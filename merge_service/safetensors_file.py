@@ -92,7 +92,9 @@ class SafetensorsFile:
             at += e.nbytes
         self.nbytes = at
         self._data: bytes = _new_bytes(None, at)
-        self._view = np.ctypeslib.as_array((ctypes.c_uint8 * at).from_address(_bytes_buffer(self._data)))
+        buffer = (ctypes.c_uint8 * at).from_address(_bytes_buffer(self._data))
+        buffer._owner = self._data  # type: ignore[attr-defined]  # views keep the bytes alive
+        self._view = np.ctypeslib.as_array(buffer)
         self._view[: len(header)] = np.frombuffer(header, dtype=np.uint8)
         self._filled = [False] * len(self._order)
         self._hash = hashlib.sha256(header)

@@ -69,3 +69,14 @@ def test_an_error_while_filling_stops_the_hashing_thread() -> None:
         f.filled("t0")
         raise RuntimeError("merge failed")
     assert f._thread is None
+
+
+def test_a_slot_keeps_the_file_memory_alive_after_the_file_is_dropped() -> None:
+    import gc
+
+    f = SafetensorsFile([TensorEntry("a", torch.float32, (1 << 20,))], None, hash_thread=False)
+    slot = f.slot("a")
+    slot.fill_(2.0)
+    del f  # e.g. a failed build whose traceback still holds the slot
+    gc.collect()
+    assert float(slot.sum()) == 2.0 * (1 << 20)
